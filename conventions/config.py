@@ -10,7 +10,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 RUNTIMES = ("auto", "docker", "process")
@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 class Settings:
     http_port: int = 8080
     grpc_port: int = 50051
-    data_dir: Path = Path("var").absolute()
+    data_dir: Path = field(default_factory=lambda: Path("var").absolute())
     runtime: str = "auto"
     # Seconds a worker stays warm after its last request; 0 = a fresh worker per request.
     idle_ttl: float = 60.0
@@ -100,3 +100,22 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         run_dir_override=Path(run_dir).absolute() if run_dir else None,
         log_level=(env.get("UPW_LOG_LEVEL") or "INFO").upper(),
     )
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The UPW_* variables that `from_env` turns back into the same settings; the launcher
+    passes them to every component it starts."""
+    env = {
+        "UPW_HTTP_PORT": str(settings.http_port),
+        "UPW_GRPC_PORT": str(settings.grpc_port),
+        "UPW_DATA_DIR": str(settings.data_dir),
+        "UPW_RUNTIME": settings.runtime,
+        "UPW_IDLE_TTL": repr(settings.idle_ttl),
+        "UPW_MAX_WORKERS": str(settings.max_workers),
+        "UPW_LOG_LEVEL": settings.log_level,
+    }
+    if settings.database_url is not None:
+        env["UPW_DATABASE_URL"] = settings.database_url
+    if settings.run_dir_override is not None:
+        env["UPW_RUN_DIR"] = str(settings.run_dir_override)
+    return env

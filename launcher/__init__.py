@@ -1,1 +1,1 @@
-"""TODO"""
+"""Starts, watches and stops the whole product: ETL (with its PostgreSQL), dispatcher, Envoy."""

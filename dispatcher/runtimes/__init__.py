@@ -1,1 +1,1 @@
-"""TODO"""
+"""Where workers run. One module per runtime, all behind `base.Runtime`."""

@@ -40,6 +40,7 @@ class AccountServiceStub:
     Withdraw: _grpc.UnaryUnaryMultiCallable[_account_pb2.WithdrawRequest, _account_pb2.BalanceChange]
     """Takes a positive amount out; FAILED_PRECONDITION when the balance is too small."""
     GetAccount: _grpc.UnaryUnaryMultiCallable[_account_pb2.GetAccountRequest, _account_pb2.Account]
+    """The balance and newest seq; NOT_FOUND before the account is created."""
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_account_pb2.ListTransactionsRequest, _account_pb2.ListTransactionsResponse]
     """Ledger rows in `seq` order, starting after `after_seq`."""
 
@@ -53,6 +54,7 @@ class AccountServiceAsyncStub(AccountServiceStub):
     Withdraw: _aio.UnaryUnaryMultiCallable[_account_pb2.WithdrawRequest, _account_pb2.BalanceChange]  # type: ignore[assignment]
     """Takes a positive amount out; FAILED_PRECONDITION when the balance is too small."""
     GetAccount: _aio.UnaryUnaryMultiCallable[_account_pb2.GetAccountRequest, _account_pb2.Account]  # type: ignore[assignment]
+    """The balance and newest seq; NOT_FOUND before the account is created."""
     ListTransactions: _aio.UnaryUnaryMultiCallable[_account_pb2.ListTransactionsRequest, _account_pb2.ListTransactionsResponse]  # type: ignore[assignment]
     """Ledger rows in `seq` order, starting after `after_seq`."""
 
@@ -86,7 +88,8 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _account_pb2.GetAccountRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_account_pb2.Account, _abc.Awaitable[_account_pb2.Account]]: ...
+    ) -> _typing.Union[_account_pb2.Account, _abc.Awaitable[_account_pb2.Account]]:
+        """The balance and newest seq; NOT_FOUND before the account is created."""
 
     @_abc_1.abstractmethod
     def ListTransactions(

@@ -1,0 +1,195 @@
+"""Fixtures that run real stacks: ETL with an embedded PostgreSQL, dispatcher with real worker
+processes, and Envoy, each in its own data dir with its own ports, so tests may run side by side."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import apsw
+import psycopg
+import pytest
+
+from conventions.config import Settings
+from conventions.users import account_db
+from launcher.stack import Stack
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Http:
+    """A curl-like client: sends the request target exactly as given (no normalisation of
+    `..` or `%2F`), one connection per request."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def request(self, method: str, target: str, body: Any = None) -> Response:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {} if body is None else {"content-type": "application/json"}
+            connection.request(method, target, body=payload, headers=headers)
+            reply = connection.getresponse()
+            return Response(reply.status, reply.read(), reply.getheader("content-type", ""))
+        finally:
+            connection.close()
+
+    def get(self, target: str) -> Response:
+        return self.request("GET", target)
+
+    def post(self, target: str, body: Any) -> Response:
+        return self.request("POST", target, body)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Polls until `condition()` is truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+
+
+class RunningStack:
+    def __init__(self, stack: Stack, log_dir: Path) -> None:
+        self.stack = stack
+        self.settings = stack.settings
+        self.log_dir = log_dir
+        self.http = Http(stack.settings.http_port)
+        self.grpc_target = f"127.0.0.1:{stack.settings.grpc_port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir
+
+    def dispatcher_log(self) -> str:
+        return (self.log_dir / "dispatcher.log").read_text(errors="replace")
+
+    def worker_starts(self, user: str) -> int:
+        """How many times the dispatcher reported a worker of `user` ready."""
+        return self.dispatcher_log().count(f"worker of {user!r} ready")
+
+    def worker_pids(self, user: str) -> list[int]:
+        """Live worker processes of `user` under this stack's data dir, read from /proc."""
+        wanted = [b"worker", b"--user", user.encode(), str(self.data_dir).encode()]
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z" and all(w in argv for w in wanted):
+                pids.append(int(entry.name))
+        return pids
+
+    def database_url(self) -> str:
+        if self.settings.database_url:
+            return self.settings.database_url
+        return f"postgresql://postgres:@/postgres?host={self.data_dir / 'postgres'}"
+
+    def pg_rows(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.database_url(), autocommit=True) as connection:
+            return connection.execute(query, params).fetchall()  # type: ignore[arg-type]
+
+    def sqlite_ledger(self, user: str) -> list[tuple[int, int]]:
+        """(seq, balance) of every ledger row of `user`, read from the user's own file."""
+        path = account_db(self.data_dir, user)
+        connection = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            return [(int(s), int(b)) for s, b in
+                    connection.execute("SELECT seq, balance FROM ledger ORDER BY seq")]
+        finally:
+            connection.close()
+
+    def pg_ledger(self, user: str) -> list[tuple[int, int]]:
+        return [(int(s), int(b)) for s, b in self.pg_rows(
+            "SELECT seq, balance FROM ledger WHERE user_name = %s ORDER BY seq", user)]
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator[Callable[..., RunningStack]]:
+    """Starts a real stack; `make_stack(idle_ttl=..., max_workers=...)` overrides settings."""
+    started: list[RunningStack] = []
+    run_dirs: list[str] = []
+
+    def make(**overrides: Any) -> RunningStack:
+        # Socket paths are limited to 107 bytes, so sockets live in a short directory of their own.
+        run_dir = tempfile.mkdtemp(prefix="upw-", dir="/tmp")
+        run_dirs.append(run_dir)
+        index = len(started)
+        settings = Settings(
+            http_port=free_port(), grpc_port=free_port(), data_dir=tmp_path / f"data{index}",
+            runtime="process", idle_ttl=60.0, max_workers=64, run_dir_override=Path(run_dir),
+            log_level="INFO",
+        ).with_(**overrides)
+        log_dir = tmp_path / f"logs{index}"
+        stack = Stack(settings, log_dir=log_dir)
+        running = RunningStack(stack, log_dir)
+        started.append(running)
+        stack.start()
+        return running
+
+    yield make
+    for running in reversed(started):
+        running.stack.stop()
+    for run_dir in run_dirs:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def stack(make_stack: Callable[..., RunningStack]) -> RunningStack:
+    return make_stack()
+
+
+def summary_lines(running: RunningStack) -> list[str]:
+    response = running.http.get("/account_summary")
+    return response.text.splitlines() if response.status == 200 else []
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """SIGSTOPs a process for the block, so whatever it serves hangs."""
+    import signal
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)

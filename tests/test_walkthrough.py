@@ -1,0 +1,62 @@
+"""The original curl session, byte for byte, through real Envoy, dispatcher, worker processes,
+ETL and PostgreSQL."""
+
+from __future__ import annotations
+
+from tests.conftest import RunningStack, summary_lines, wait_for
+
+TEXT = "text/plain; charset=utf-8"
+
+
+def test_original_walkthrough(stack: RunningStack) -> None:
+    http = stack.http
+    steps = [
+        ("/koduki/create", "Hello, koduki. Welcome Unlimited Process Works!\n"),
+        ("/koduki/deposit/128", "koduki's account deposit 128 yen.\n"),
+        ("/koduki/deposit/128", "koduki's account deposit 128 yen.\n"),
+        ("/koduki/show", "koduki's account is 256 yen.\n"),
+        ("/nanoha/create", "Hello, nanoha. Welcome Unlimited Process Works!\n"),
+        ("/nanoha/deposit/156", "nanoha's account deposit 156 yen.\n"),
+        ("/misuzu/create", "Hello, misuzu. Welcome Unlimited Process Works!\n"),
+        ("/misuzu/deposit/75", "misuzu's account deposit 75 yen.\n"),
+        ("/koduki/create", "Hello, koduki. Welcome Unlimited Process Works!\n"),  # idempotent
+        ("/koduki/show", "koduki's account is 256 yen.\n"),
+    ]
+    for path, expected in steps:
+        response = http.get(path)
+        assert (response.status, response.body) == (200, expected.encode()), path
+        assert response.content_type == TEXT
+
+    expected_summary = ["koduki, 256", "nanoha, 156", "misuzu, 75"]
+    wait_for(lambda: summary_lines(stack) == expected_summary, timeout=20,
+             what=f"the summary to read {expected_summary}")
+    response = http.get("/account_summary")
+    assert response.body == b"koduki, 256\nnanoha, 156\nmisuzu, 75\n"
+    assert response.content_type == TEXT
+
+
+def test_json_routes(stack: RunningStack) -> None:
+    http = stack.http
+    created = http.post("/v1/accounts/fate", {})
+    assert created.status == 200, created.text
+    assert created.json()["created"] is True
+    assert http.post("/v1/accounts/fate", {}).json()["created"] is False
+
+    deposit = http.post("/v1/accounts/fate:deposit", {"amount": "500"})
+    assert deposit.status == 200, deposit.text
+    assert deposit.json()["account"]["balance"] == "500"
+    assert deposit.json()["entry"]["kind"] == "KIND_DEPOSIT"
+
+    withdraw = http.post("/v1/accounts/fate:withdraw", {"amount": 120})
+    assert withdraw.status == 200, withdraw.text
+    assert http.get("/v1/accounts/fate").json()["balance"] == "380"
+
+    entries = http.get("/v1/accounts/fate/transactions").json()["entries"]
+    assert [(e["seq"], e["kind"], e["balance"]) for e in entries] == [
+        ("1", "KIND_OPEN", "0"), ("2", "KIND_DEPOSIT", "500"), ("3", "KIND_WITHDRAWAL", "380")]
+
+    def summary() -> list[tuple[str, str]]:
+        accounts = http.get("/v1/summary").json().get("accounts", [])
+        return [(a["user"], a["balance"]) for a in accounts]
+
+    wait_for(lambda: summary() == [("fate", "380")], timeout=20, what="the JSON summary")
