@@ -1,1 +1,7 @@
-"""TODO"""
+"""The worker: serves `upw.account.v1.AccountService` for exactly one user over a unix socket,
+on that user's own SQLite database, and ships the user's ledger rows to the ETL.
+
+One module per concept: `store` owns the database, `service` translates protobuf to store
+calls, `shipper` streams the ledger to the ETL, `server` wires them to a gRPC server, and
+`__main__` is the command line the dispatcher runs (`python -m worker --help`).
+"""

@@ -1,0 +1,297 @@
+"""One user's account database: every SQL statement of it lives in this module.
+
+Concurrency rule: one `Store` (one APSW connection) per database, owned by the one worker
+process of that user. Every write runs inside `BEGIN IMMEDIATE`, so the write lock is taken
+before the first read of the transaction and a concurrent writer (there should be none) waits
+for the busy timeout instead of failing half-way. Calls are synchronous and short; the worker
+runs them inline on its event loop, which serialises them, so the `Store` needs no lock of its
+own. Readers in other processes (tests, tools) may open the file at any time: WAL mode lets
+them read while the worker writes.
+
+Durability: `synchronous=FULL` in WAL mode, so a method that has returned has its row on disk.
+
+The ledger is append-only. `seq` starts at 1 (the OPEN row) and increases by exactly 1 per row;
+a row's `balance` is the balance after it, so the newest row holds the account's balance. A
+ledger row is also the change record shipped to the ETL (the transactional outbox), and the
+one-row `replication` table holds `acked_seq`, the highest seq the ETL has acknowledged.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import apsw
+
+from worker.errors import (
+    AccountNotFound,
+    BalanceOverflow,
+    InsufficientFunds,
+    InvalidAmount,
+    SchemaTooNew,
+)
+
+INT64_MAX = 9223372036854775807
+
+logger = logging.getLogger("worker.store")
+
+
+class Kind(enum.IntEnum):
+    """What a ledger row did; the numbers are those of `upw.account.v1.LedgerEntry.Kind`."""
+
+    OPEN = 1
+    DEPOSIT = 2
+    WITHDRAWAL = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One ledger row."""
+
+    seq: int
+    kind: Kind
+    amount: int
+    balance: int
+    at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """The state of an account: the newest ledger row and when the account was opened."""
+
+    user: str
+    balance: int
+    last_seq: int
+    created_at_us: int
+
+
+def _migrate_to_1(conn: apsw.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE ledger (
+            seq INTEGER PRIMARY KEY CHECK (seq >= 1),
+            kind TEXT NOT NULL CHECK (kind IN ('OPEN', 'DEPOSIT', 'WITHDRAWAL')),
+            amount INTEGER NOT NULL CHECK (amount >= 0),
+            balance INTEGER NOT NULL CHECK (balance >= 0),
+            at_us INTEGER NOT NULL
+        ) STRICT;
+        CREATE TABLE replication (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            acked_seq INTEGER NOT NULL CHECK (acked_seq >= 0)
+        ) STRICT;
+        INSERT INTO replication (id, acked_seq) VALUES (1, 0);
+        """
+    )
+
+
+# MIGRATIONS[i] takes the schema from version i to version i + 1. Only ever append.
+MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (_migrate_to_1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _entry(row: tuple[object, ...]) -> Entry:
+    seq, kind, amount, balance, at_us = row
+    assert isinstance(seq, int) and isinstance(kind, str)
+    assert isinstance(amount, int) and isinstance(balance, int) and isinstance(at_us, int)
+    return Entry(seq=seq, kind=Kind[kind], amount=amount, balance=balance, at_us=at_us)
+
+
+class Store:
+    """The account database of one user. Open it with `Store.open`, close it with `close`."""
+
+    def __init__(self, conn: apsw.Connection, *, user: str, path: Path) -> None:
+        self._conn = conn
+        self.user = user
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path, *, user: str, busy_timeout_ms: int = 5000) -> Store:
+        """Opens (creating if needed) the database at `path` and migrates it to
+        `SCHEMA_VERSION`. The parent directory must exist."""
+        conn = apsw.Connection(str(path))
+        try:
+            conn.set_busy_timeout(busy_timeout_ms)
+            # journal_mode cannot change inside a transaction, so it is set before anything else.
+            conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            store = cls(conn, user=user, path=path)
+            store._migrate()
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        """Closes the connection; the store cannot be used afterwards. Safe to call twice."""
+        self._conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[apsw.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._write() as conn:
+            found = self.schema_version()
+            if found > SCHEMA_VERSION:
+                raise SchemaTooNew(str(self.path), found, SCHEMA_VERSION)
+            for version in range(found, SCHEMA_VERSION):
+                MIGRATIONS[version](conn)
+                # PRAGMA takes no parameters; the value is an int from this module, never input.
+                conn.execute(f"PRAGMA user_version = {int(version + 1)}")
+        if found < SCHEMA_VERSION:
+            logger.info(
+                "user %r: migrated %s from schema version %d to %d",
+                self.user,
+                str(self.path),
+                found,
+                SCHEMA_VERSION,
+            )
+
+    def schema_version(self) -> int:
+        """The `PRAGMA user_version` of the database."""
+        return self._scalar("PRAGMA user_version")
+
+    def pragma(self, name: str) -> object:
+        """The value of a read-only-safe pragma such as `journal_mode` (for checks and tests)."""
+        if name not in ("journal_mode", "synchronous", "user_version", "busy_timeout"):
+            raise ValueError(f"pragma {name!r} is not one Store reports")
+        row = self._conn.execute(f"PRAGMA {name}").fetchone()
+        return None if row is None else row[0]
+
+    def _scalar(self, sql: str, bindings: tuple[object, ...] = ()) -> int:
+        row = self._conn.execute(sql, bindings).fetchone()
+        assert row is not None and isinstance(row[0], int), sql
+        return row[0]
+
+    def _last(self) -> Entry | None:
+        row = self._conn.execute(
+            "SELECT seq, kind, amount, balance, at_us FROM ledger ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else _entry(row)
+
+    def _opened_at_us(self) -> int | None:
+        # The OPEN row is always seq 1: create() writes it first and nothing else writes
+        # before an account exists.
+        row = self._conn.execute(
+            "SELECT at_us FROM ledger WHERE seq = 1 AND kind = 'OPEN'"
+        ).fetchone()
+        if row is None:
+            return None
+        assert isinstance(row[0], int)
+        return row[0]
+
+    def _account(self) -> Account:
+        created = self._opened_at_us()
+        last = self._last()
+        if created is None or last is None:
+            raise AccountNotFound(self.user)
+        return Account(
+            user=self.user, balance=last.balance, last_seq=last.seq, created_at_us=created
+        )
+
+    def account(self) -> Account:
+        """The account, or AccountNotFound."""
+        return self._account()
+
+    def exists(self) -> bool:
+        """Whether the account has been created."""
+        return self._opened_at_us() is not None
+
+    def create(self) -> tuple[Account, bool]:
+        """Opens the account with an OPEN row (seq 1, amount 0, balance 0). Idempotent: an
+        existing account is returned unchanged with `created` False."""
+        with self._write() as conn:
+            if self._opened_at_us() is not None:
+                return self._account(), False
+            conn.execute(
+                "INSERT INTO ledger (seq, kind, amount, balance, at_us) "
+                "VALUES (1, 'OPEN', 0, 0, ?)",
+                (_now_us(),),
+            )
+            account = self._account()
+        logger.info("user %r: account created", self.user)
+        return account, True
+
+    def _append(self, kind: Kind, amount: int) -> tuple[Account, Entry]:
+        if amount <= 0 or amount > INT64_MAX:
+            raise InvalidAmount(self.user, amount)
+        with self._write() as conn:
+            if self._opened_at_us() is None:
+                raise AccountNotFound(self.user)
+            last = self._last()
+            assert last is not None
+            if kind is Kind.DEPOSIT:
+                if last.balance > INT64_MAX - amount:
+                    raise BalanceOverflow(self.user, amount, last.balance)
+                balance = last.balance + amount
+            else:
+                if amount > last.balance:
+                    raise InsufficientFunds(self.user, amount, last.balance)
+                balance = last.balance - amount
+            entry = Entry(
+                seq=last.seq + 1, kind=kind, amount=amount, balance=balance, at_us=_now_us()
+            )
+            conn.execute(
+                "INSERT INTO ledger (seq, kind, amount, balance, at_us) VALUES (?, ?, ?, ?, ?)",
+                (entry.seq, entry.kind.name, entry.amount, entry.balance, entry.at_us),
+            )
+            account = self._account()
+        return account, entry
+
+    def deposit(self, amount: int) -> tuple[Account, Entry]:
+        """Appends a DEPOSIT row. InvalidAmount, AccountNotFound or BalanceOverflow."""
+        return self._append(Kind.DEPOSIT, amount)
+
+    def withdraw(self, amount: int) -> tuple[Account, Entry]:
+        """Appends a WITHDRAWAL row. InvalidAmount, AccountNotFound or InsufficientFunds."""
+        return self._append(Kind.WITHDRAWAL, amount)
+
+    def entries(self, after_seq: int, limit: int) -> list[Entry]:
+        """At most `limit` ledger rows with seq > `after_seq`, in seq order."""
+        rows = self._conn.execute(
+            "SELECT seq, kind, amount, balance, at_us FROM ledger WHERE seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        ).fetchall()
+        return [_entry(row) for row in rows]
+
+    def last_seq(self) -> int:
+        """The seq of the newest row, 0 when the ledger is empty."""
+        return self._scalar("SELECT coalesce(max(seq), 0) FROM ledger")
+
+    def acked_seq(self) -> int:
+        """The replication watermark: every row with seq <= it is acknowledged by the ETL."""
+        return self._scalar("SELECT acked_seq FROM replication WHERE id = 1")
+
+    def pending(self, after_seq: int, limit: int) -> list[Entry]:
+        """At most `limit` rows still to be shipped: seq above both `after_seq` and the
+        watermark, in seq order."""
+        return self.entries(max(after_seq, self.acked_seq()), limit)
+
+    def acknowledge(self, seq: int) -> int:
+        """Raises the watermark to `seq` and returns the new watermark. It never moves
+        backwards, and never beyond the newest row (an acknowledgement of rows this
+        database does not have cannot be true, so it is capped)."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE replication SET acked_seq = max(acked_seq, min(?, "
+                "(SELECT coalesce(max(seq), 0) FROM ledger))) WHERE id = 1",
+                (seq,),
+            )
+            return self.acked_seq()
