@@ -14,7 +14,7 @@ from types import FrameType
 
 from conventions import logs
 from conventions.config import ConfigError, from_env
-from launcher.stack import StartError, Stack
+from launcher.stack import Stack, StartError
 
 log = logging.getLogger("launcher")
 

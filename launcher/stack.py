@@ -8,7 +8,6 @@ settings through the UPW_* environment (`conventions.config.to_env`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import http.client
 import logging
 import os
@@ -28,19 +27,10 @@ from launcher import envoy_config
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-# Looked up once here: the child between fork and exec must not load libraries.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
 class StartError(RuntimeError):
     """A component exited or did not become ready in time."""
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the launcher dies, so a killed launcher
-    (or test run) leaves nothing behind."""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def grpc_serving(target: str, timeout: float = 0.5) -> bool:
@@ -93,7 +83,8 @@ class Component:
             self._log = self.log_file.open("ab")
         self.process = subprocess.Popen(
             self.argv, env=self.env, stdout=self._log, stderr=self._log,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            # No preexec_fn: forking a process that runs gRPC threads can deadlock the child.
+            start_new_session=True,
         )
         deadline = time.monotonic() + ready_timeout
         delay = 0.01

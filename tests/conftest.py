@@ -101,7 +101,7 @@ class RunningStack:
 
     def worker_starts(self, user: str) -> int:
         """How many times the dispatcher reported a worker of `user` ready."""
-        return self.dispatcher_log().count(f"worker of {user!r} ready")
+        return self.dispatcher_log().count(f"dispatcher.pool: worker of {user!r} ready")
 
     def worker_pids(self, user: str) -> list[int]:
         """Live worker processes of `user` under this stack's data dir, read from /proc."""

@@ -3,6 +3,7 @@ Python stub, against the dispatcher's public gRPC port."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -44,7 +45,7 @@ def test_grpcurl_with_reflection(stack: RunningStack) -> None:
     assert call(stack, "upw.account.v1.AccountService/GetAccount", {"user": "chrono"})[
         "balance"] == "256"
     text = call(stack, "upw.gateway.v1.TextGateway/Show", {"user": "chrono"})
-    assert text["contentType"] == "text/plain; charset=utf-8"
+    assert base64.b64decode(str(text["data"])) == b"chrono's account is 256 yen.\n"
 
     missing = grpcurl(stack, "-d", '{"user": "nobody"}', stack.grpc_target,
                       "upw.account.v1.AccountService/GetAccount")

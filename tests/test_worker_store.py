@@ -30,11 +30,25 @@ def account(store: Store) -> Store:
     return store
 
 
-def test_pragmas_and_schema_version(store: Store) -> None:
-    assert store.pragma("journal_mode") == "wal"
-    assert store.pragma("synchronous") == 2  # FULL
-    assert store.schema_version() == SCHEMA_VERSION == 1
-    assert store.pragma("busy_timeout") == 5000
+def test_pragmas_and_schema_version(account: Store) -> None:
+    assert account.pragma("journal_mode") == "wal"
+    assert account.pragma("synchronous") == 2  # FULL
+    assert account.schema_version() == SCHEMA_VERSION == 1
+    assert account.pragma("busy_timeout") == 5000
+
+
+def test_no_file_until_the_account_is_created(tmp_path: Path) -> None:
+    db = tmp_path / "users" / "abc" / "koduki" / "account.db"
+    store = Store.open(db, user="koduki")
+    try:
+        with pytest.raises(errors.AccountNotFound):
+            store.deposit(5)
+        assert store.pending(0, 10) == []
+        assert not (tmp_path / "users").exists()
+        store.create()
+        assert db.is_file()
+    finally:
+        store.close()
 
 
 def test_new_database_has_no_account(store: Store) -> None:

@@ -56,16 +56,18 @@ def generate(out_dir: Path) -> None:
     """Writes the whole contents of generated/ into out_dir (which must be empty)."""
     includes = [f"-I{d}" for d in _include_dirs()]
     plugin_dir = Path(sys.executable).parent
-    _protoc([
-        *includes,
-        f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
-        f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
-        f"--python_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
-        f"--mypy_out={out_dir}",
-        f"--mypy_grpc_out={out_dir}",
-        *proto_files(),
-    ])
+    _protoc(
+        [
+            *includes,
+            f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
+            f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
+            f"--python_out={out_dir}",
+            f"--grpc_python_out={out_dir}",
+            f"--mypy_out={out_dir}",
+            f"--mypy_grpc_out={out_dir}",
+            *proto_files(),
+        ]
+    )
     build_descriptor_set(out_dir / DESCRIPTOR_SET)
     package_root = out_dir / "upw"
     for directory in [package_root, *(d for d in package_root.rglob("*") if d.is_dir())]:
@@ -78,8 +80,12 @@ def generate(out_dir: Path) -> None:
 
 def _same_tree(a: Path, b: Path) -> list[str]:
     """Relative paths that differ between two directory trees."""
-    names_a = {p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-    names_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    names_a = {
+        p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
+    names_b = {
+        p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
     differing = sorted(str(n) for n in names_a ^ names_b)
     for name in names_a & names_b:
         if not filecmp.cmp(a / name, b / name, shallow=False):
@@ -101,15 +107,27 @@ def breaking_changes(protos: Path = PROTOS, against: Path = GENERATED / DESCRIPT
         build_descriptor_set(current, protos)
         buf = shutil.which("buf", path=str(Path(sys.executable).parent)) or "buf"
         result = subprocess.run(
-            [buf, "breaking", str(current), "--against", f"{against}#format=binpb",
-             "--exclude-imports", "--config", '{"version":"v2","breaking":{"use":["WIRE_JSON"]}}'],
-            capture_output=True, text=True, check=False,
+            [
+                buf,
+                "breaking",
+                str(current),
+                "--against",
+                f"{against}#format=binpb",
+                "--exclude-imports",
+                "--config",
+                '{"version":"v2","breaking":{"use":["WIRE_JSON"]}}',
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         return (result.stdout + result.stderr).strip() if result.returncode else ""
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="fail when generated/ is stale")
     mode.add_argument("--breaking", action="store_true", help="fail on a breaking change")

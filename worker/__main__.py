@@ -90,7 +90,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush_timeout=args.flush_timeout,
     )
     try:
-        db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         asyncio.run(serve(options))
     except Exception:
         logger.exception("user %r: the worker failed", user)

@@ -10,6 +10,9 @@ them read while the worker writes.
 
 Durability: `synchronous=FULL` in WAL mode, so a method that has returned has its row on disk.
 
+Nothing is written for a user who has no account: the directory and the database file are
+created by `create()`, so requests for unknown names cost no disk.
+
 The ledger is append-only. `seq` starts at 1 (the OPEN row) and increases by exactly 1 per row;
 a row's `balance` is the balance after it, so the newest row holds the account's balance. A
 ledger row is also the change record shipped to the ETL (the transactional outbox), and the
@@ -108,32 +111,52 @@ def _entry(row: tuple[object, ...]) -> Entry:
 class Store:
     """The account database of one user. Open it with `Store.open`, close it with `close`."""
 
-    def __init__(self, conn: apsw.Connection, *, user: str, path: Path) -> None:
-        self._conn = conn
+    def __init__(self, *, user: str, path: Path, busy_timeout_ms: int = 5000) -> None:
         self.user = user
         self.path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._db: apsw.Connection | None = None
 
     @classmethod
     def open(cls, path: Path, *, user: str, busy_timeout_ms: int = 5000) -> Store:
-        """Opens (creating if needed) the database at `path` and migrates it to
-        `SCHEMA_VERSION`. The parent directory must exist."""
-        conn = apsw.Connection(str(path))
+        """Opens the database at `path` and migrates it to `SCHEMA_VERSION`, when it exists;
+        otherwise the store stays empty until `create()` makes the directory and the file."""
+        store = cls(user=user, path=path, busy_timeout_ms=busy_timeout_ms)
+        if path.exists():
+            store._connect()
+        return store
+
+    def _connect(self) -> apsw.Connection:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        conn = apsw.Connection(str(self.path))
         try:
-            conn.set_busy_timeout(busy_timeout_ms)
+            conn.set_busy_timeout(self._busy_timeout_ms)
             # journal_mode cannot change inside a transaction, so it is set before anything else.
             conn.execute("PRAGMA journal_mode = WAL").fetchall()
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
-            store = cls(conn, user=user, path=path)
-            store._migrate()
+            self._db = conn
+            self._migrate()
         except BaseException:
+            self._db = None
             conn.close()
             raise
-        return store
+        return conn
+
+    @property
+    def _conn(self) -> apsw.Connection:
+        if self._db is None:
+            raise AccountNotFound(self.user)
+        return self._db
+
+    @property
+    def has_database(self) -> bool:
+        return self._db is not None
 
     def close(self) -> None:
         """Closes the connection; the store cannot be used afterwards. Safe to call twice."""
-        self._conn.close()
+        if self._db is not None:
+            self._db.close()
 
     @contextmanager
     def _write(self) -> Iterator[apsw.Connection]:
@@ -211,11 +234,13 @@ class Store:
 
     def exists(self) -> bool:
         """Whether the account has been created."""
-        return self._opened_at_us() is not None
+        return self._db is not None and self._opened_at_us() is not None
 
     def create(self) -> tuple[Account, bool]:
         """Opens the account with an OPEN row (seq 1, amount 0, balance 0). Idempotent: an
         existing account is returned unchanged with `created` False."""
+        if self._db is None:
+            self._connect()
         with self._write() as conn:
             if self._opened_at_us() is not None:
                 return self._account(), False
@@ -273,15 +298,21 @@ class Store:
 
     def last_seq(self) -> int:
         """The seq of the newest row, 0 when the ledger is empty."""
+        if self._db is None:
+            return 0
         return self._scalar("SELECT coalesce(max(seq), 0) FROM ledger")
 
     def acked_seq(self) -> int:
         """The replication watermark: every row with seq <= it is acknowledged by the ETL."""
+        if self._db is None:
+            return 0
         return self._scalar("SELECT acked_seq FROM replication WHERE id = 1")
 
     def pending(self, after_seq: int, limit: int) -> list[Entry]:
         """At most `limit` rows still to be shipped: seq above both `after_seq` and the
         watermark, in seq order."""
+        if self._db is None:
+            return []
         return self.entries(max(after_seq, self.acked_seq()), limit)
 
     def acknowledge(self, seq: int) -> int:
