@@ -3,42 +3,58 @@
 from __future__ import annotations
 
 import random
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 from tests.conftest import RunningStack, wait_for
 
+USERS = [f"user{i}" for i in range(6)]
+
 
 def test_deposits_survive_an_etl_outage(stack: RunningStack) -> None:
-    users = [f"user{i}" for i in range(6)]
-    for user in users:
+    for user in USERS:
         assert stack.http.get(f"/{user}/create").status == 200
-    rng = random.Random(7)
+    acknowledged: list[tuple[str, int]] = []
+    failures: list[str] = []
+    done = threading.Event()
 
-    def deposit_some(count: int) -> None:
-        def one(user: str) -> None:
-            response = stack.http.get(f"/{user}/deposit/{rng.randint(1, 1000)}")
-            assert response.status == 200, response.text
+    def deposit_until_done(seed: int) -> None:
+        rng = random.Random(seed)
+        while not done.is_set():
+            user, amount = rng.choice(USERS), rng.randint(1, 1000)
+            response = stack.http.get(f"/{user}/deposit/{amount}")
+            if response.status == 200:
+                acknowledged.append((user, amount))
+            else:
+                failures.append(f"{response.status} {response.text}")
 
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(one, [rng.choice(users) for _ in range(count)]))
+    clients = [threading.Thread(target=deposit_until_done, args=(seed,)) for seed in range(4)]
+    for client in clients:
+        client.start()
+    try:
+        wait_for(lambda: len(acknowledged) >= 40, what="deposits before the outage")
+        stack.stack.etl.kill()  # SIGKILL, in the middle of the streams
+        during = len(acknowledged)
+        wait_for(lambda: len(acknowledged) >= during + 80, what="deposits during the outage")
+        summary = stack.http.get("/account_summary")
+        assert summary.status == 503, summary.text
+        stack.stack.etl.start()
+        after = len(acknowledged)
+        wait_for(lambda: len(acknowledged) >= after + 40, what="deposits after the outage")
+    finally:
+        done.set()
+        for client in clients:
+            client.join()
 
-    deposit_some(30)
-    stack.stack.etl.kill()  # SIGKILL, mid-stream
-    deposit_some(60)  # still acknowledged: durable in each user's SQLite
-    summary = stack.http.get("/account_summary")
-    assert summary.status == 503, summary.text
-    stack.stack.etl.start()
-    deposit_some(30)
-
-    for user in users:
+    assert failures == []  # durable in each user's SQLite, so never refused
+    for user in USERS:
         ledger = stack.sqlite_ledger(user)
+        deposits = [amount for u, amount in acknowledged if u == user]
+        assert ledger[-1][1] == sum(deposits)
+        assert len(ledger) == 1 + len(deposits)
         wait_for(lambda user=user, ledger=ledger: stack.pg_ledger(user) == ledger, timeout=30,
                  what=f"PostgreSQL to hold the ledger of {user}")
-    total_rows = sum(len(stack.sqlite_ledger(u)) for u in users)
-    assert total_rows == 6 + 120
-    assert stack.pg_rows("SELECT count(*), count(DISTINCT (user_name, seq)) FROM ledger") == [
-        (total_rows, total_rows)]
-    for user in users:
-        last_balance = stack.sqlite_ledger(user)[-1][1]
         assert stack.pg_rows("SELECT balance FROM accounts WHERE user_name = %s", user) == [
-            (last_balance,)]
+            (ledger[-1][1],)]
+    total = len(USERS) + len(acknowledged)
+    assert stack.pg_rows("SELECT count(*), count(DISTINCT (user_name, seq)) FROM ledger") == [
+        (total, total)]

@@ -275,7 +275,7 @@ def _call(stub: account_pb2_grpc.AccountServiceStub, name: str, **fields: object
         (True, [], "Deposit", {"user": USER, "amount": 0}, "INVALID_ARGUMENT", "amount 0"),
         (True, [], "Withdraw", {"user": USER, "amount": -3}, "INVALID_ARGUMENT", "amount -3"),
         (True, [10], "Withdraw", {"user": USER, "amount": 11}, "FAILED_PRECONDITION",
-         "account 'koduki' cannot withdraw 11: the balance is only 10"),
+         "insufficient funds: account 'koduki' cannot withdraw 11, the balance is only 10"),
         (True, [INT64_MAX], "Deposit", {"user": USER, "amount": 1}, "OUT_OF_RANGE",
          "would exceed 9223372036854775807"),
         (True, [], "ListTransactions", {"user": USER, "page_size": -1}, "INVALID_ARGUMENT",

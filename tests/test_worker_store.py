@@ -99,7 +99,7 @@ def test_seq_increases_by_one(account: Store) -> None:
         ((), "deposit", INT64_MAX + 1, errors.InvalidAmount, "9223372036854775808"),
         ((), "withdraw", 0, errors.InvalidAmount, "amount 0"),
         ((), "withdraw", -1, errors.InvalidAmount, "amount -1"),
-        ((), "withdraw", 1, errors.InsufficientFunds, "cannot withdraw 1: the balance is only 0"),
+        ((), "withdraw", 1, errors.InsufficientFunds, "cannot withdraw 1, the balance is only 0"),
         ((10,), "withdraw", 11, errors.InsufficientFunds, "the balance is only 10"),
         ((INT64_MAX,), "deposit", 1, errors.BalanceOverflow, "would exceed"),
         ((INT64_MAX - 5,), "deposit", 6, errors.BalanceOverflow, "deposit of 6"),

@@ -45,7 +45,8 @@ class InsufficientFunds(WorkerError):
 
     def __init__(self, user: str, amount: int, balance: int) -> None:
         super().__init__(
-            f"account {user!r} cannot withdraw {amount}: the balance is only {balance}"
+            f"insufficient funds: account {user!r} cannot withdraw {amount}, "
+            f"the balance is only {balance}"
         )
         self.user = user
         self.amount = amount
