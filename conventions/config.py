@@ -35,6 +35,10 @@ class Settings:
     # and the data dir can be deep. None = /tmp/upw-<hash of the data dir>.
     run_dir_override: Path | None = None
     log_level: str = "INFO"
+    # The docker runtime: the worker image and each worker container's limits.
+    worker_image: str = "upw/worker:latest"
+    worker_memory: str = "128m"
+    worker_pids: int = 64
 
     @property
     def run_dir(self) -> Path:
@@ -99,6 +103,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         database_url=env.get("UPW_DATABASE_URL") or None,
         run_dir_override=Path(run_dir).absolute() if run_dir else None,
         log_level=(env.get("UPW_LOG_LEVEL") or "INFO").upper(),
+        worker_image=env.get("UPW_WORKER_IMAGE") or "upw/worker:latest",
+        worker_memory=env.get("UPW_WORKER_MEMORY") or "128m",
+        worker_pids=_int(env, "UPW_WORKER_PIDS", 64, minimum=8),
     )
 
 
@@ -113,6 +120,9 @@ def to_env(settings: Settings) -> dict[str, str]:
         "UPW_IDLE_TTL": repr(settings.idle_ttl),
         "UPW_MAX_WORKERS": str(settings.max_workers),
         "UPW_LOG_LEVEL": settings.log_level,
+        "UPW_WORKER_IMAGE": settings.worker_image,
+        "UPW_WORKER_MEMORY": settings.worker_memory,
+        "UPW_WORKER_PIDS": str(settings.worker_pids),
     }
     if settings.database_url is not None:
         env["UPW_DATABASE_URL"] = settings.database_url
