@@ -114,53 +114,49 @@ class WorkerCalls:
 
 
 class AccountForwarder(account_pb2_grpc.AccountServiceServicer):
+    """Every typed call goes to the user's worker unchanged; so does the worker's answer."""
+
     def __init__(self, calls: WorkerCalls) -> None:
         self._calls = calls
+
+    async def _forward(
+        self, context: Context, user: str, call: Callable[[AccountServiceAsyncStub], Awaitable[T]]
+    ) -> T:
+        try:
+            return await self._calls.run(user, call)
+        except Exception as exc:
+            await _abort(context, exc)
 
     async def CreateAccount(
         self, request: account_pb2.CreateAccountRequest, context: Context
     ) -> account_pb2.CreateAccountResponse:
-        try:
-            return await self._calls.run(
-                request.user, lambda s: s.CreateAccount(request, timeout=WORKER_CALL_TIMEOUT))
-        except Exception as exc:
-            await _abort(context, exc)
+        return await self._forward(
+            context, request.user, lambda s: s.CreateAccount(request, timeout=WORKER_CALL_TIMEOUT))
 
     async def Deposit(
         self, request: account_pb2.DepositRequest, context: Context
     ) -> account_pb2.BalanceChange:
-        try:
-            return await self._calls.run(
-                request.user, lambda s: s.Deposit(request, timeout=WORKER_CALL_TIMEOUT))
-        except Exception as exc:
-            await _abort(context, exc)
+        return await self._forward(
+            context, request.user, lambda s: s.Deposit(request, timeout=WORKER_CALL_TIMEOUT))
 
     async def Withdraw(
         self, request: account_pb2.WithdrawRequest, context: Context
     ) -> account_pb2.BalanceChange:
-        try:
-            return await self._calls.run(
-                request.user, lambda s: s.Withdraw(request, timeout=WORKER_CALL_TIMEOUT))
-        except Exception as exc:
-            await _abort(context, exc)
+        return await self._forward(
+            context, request.user, lambda s: s.Withdraw(request, timeout=WORKER_CALL_TIMEOUT))
 
     async def GetAccount(
         self, request: account_pb2.GetAccountRequest, context: Context
     ) -> account_pb2.Account:
-        try:
-            return await self._calls.run(
-                request.user, lambda s: s.GetAccount(request, timeout=WORKER_CALL_TIMEOUT))
-        except Exception as exc:
-            await _abort(context, exc)
+        return await self._forward(
+            context, request.user, lambda s: s.GetAccount(request, timeout=WORKER_CALL_TIMEOUT))
 
     async def ListTransactions(
         self, request: account_pb2.ListTransactionsRequest, context: Context
     ) -> account_pb2.ListTransactionsResponse:
-        try:
-            return await self._calls.run(
-                request.user, lambda s: s.ListTransactions(request, timeout=WORKER_CALL_TIMEOUT))
-        except Exception as exc:
-            await _abort(context, exc)
+        return await self._forward(
+            context, request.user,
+            lambda s: s.ListTransactions(request, timeout=WORKER_CALL_TIMEOUT))
 
 
 def _text(body: str) -> httpbody_pb2.HttpBody:
