@@ -11,10 +11,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from conventions.config import ConfigError, Settings
+from conventions.config import Settings
 from dispatcher.pool import WorkerPool
-from dispatcher.runtimes.base import Runtime
-from dispatcher.runtimes.process import ProcessRuntime
+from dispatcher.runtimes import choose_runtime
 from dispatcher.service import AccountForwarder, TextGateway, WorkerCalls
 from upw.account.v1 import account_pb2, account_pb2_grpc
 from upw.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -31,23 +30,6 @@ SERVICES = (
     gateway_pb2.DESCRIPTOR.services_by_name["TextGateway"].full_name,
 )
 SHUTDOWN_GRACE = 5.0
-
-
-def choose_runtime(settings: Settings) -> Runtime:
-    """The runtime named by UPW_RUNTIME; `auto` says in the log what it picked and why."""
-    if settings.runtime == "docker":
-        raise ConfigError(
-            "UPW_RUNTIME=docker: the Docker runtime is not available yet; "
-            "use UPW_RUNTIME=process or auto"
-        )
-    if settings.runtime == "auto":
-        log.info("runtime auto: picked process (the Docker runtime is not available yet)")
-    return ProcessRuntime(
-        data_dir=settings.data_dir,
-        workers_dir=settings.workers_dir,
-        etl_socket=settings.etl_socket,
-        log_level=settings.log_level,
-    )
 
 
 async def create_server(
@@ -74,7 +56,7 @@ async def create_server(
 
 
 async def serve(settings: Settings) -> None:
-    runtime = choose_runtime(settings)
+    runtime = await choose_runtime(settings)
     left = await runtime.remove_leftovers()
     if left:
         log.info("stopped %d worker(s) left behind by an earlier run", left)
