@@ -17,12 +17,38 @@ from pathlib import Path
 from typing import Any
 
 import apsw
+import docker.errors
 import psycopg
 import pytest
+from docker.api import APIClient
+from docker.utils import kwargs_from_env
 
 from conventions.config import Settings
 from conventions.users import account_db
 from launcher.stack import Stack
+
+WORKER_IMAGE = os.environ.get("UPW_WORKER_IMAGE") or "upw/worker:latest"
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[APIClient]:
+    """The Docker Engine, once it answers and has the worker image (`make test` builds it with
+    `./build.sh worker`). Without them a test skips with the reason, or fails when
+    UPW_REQUIRE_DOCKER=1."""
+    api: APIClient | None = None
+    try:
+        api = APIClient(version="auto", **kwargs_from_env())
+        api.ping()
+        api.inspect_image(WORKER_IMAGE)
+    except (docker.errors.DockerException, OSError) as exc:
+        if api is not None:
+            api.close()
+        reason = f"needs a Docker Engine with the image {WORKER_IMAGE!r} (./build.sh worker): {exc}"
+        if os.environ.get("UPW_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"UPW_REQUIRE_DOCKER=1: {reason}", pytrace=False)
+        pytest.skip(reason)
+    yield api
+    api.close()
 
 
 def free_port() -> int:
@@ -85,8 +111,9 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "c
 
 
 class RunningStack:
-    def __init__(self, stack: Stack, log_dir: Path) -> None:
+    def __init__(self, stack: Stack, log_dir: Path, engine: APIClient | None = None) -> None:
         self.stack = stack
+        self.engine = engine
         self.settings = stack.settings
         self.log_dir = log_dir
         self.http = Http(stack.settings.http_port)
@@ -102,6 +129,18 @@ class RunningStack:
     def worker_starts(self, user: str) -> int:
         """How many times the dispatcher reported a worker of `user` ready."""
         return self.dispatcher_log().count(f"dispatcher.pool: worker of {user!r} ready")
+
+    def containers(self, user: str) -> list[dict[str, Any]]:
+        """Every container, running or not, of `user` under this stack's data dir."""
+        assert self.engine is not None, "not a docker stack"
+        labels = [f"upw.user={user}", f"upw.data-dir={self.data_dir}"]
+        found: list[dict[str, Any]] = self.engine.containers(all=True, filters={"label": labels})
+        return found
+
+    def live_workers(self, user: str) -> int:
+        if self.engine is not None:
+            return sum(1 for c in self.containers(user) if c["State"] == "running")
+        return len(self.worker_pids(user))
 
     def worker_pids(self, user: str) -> list[int]:
         """Live worker processes of `user` under this stack's data dir, read from /proc."""
@@ -126,7 +165,7 @@ class RunningStack:
 
     def pg_rows(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.database_url(), autocommit=True) as connection:
-            return connection.execute(query, params).fetchall()  # type: ignore[arg-type]
+            return connection.execute(query, params).fetchall()
 
     def sqlite_ledger(self, user: str) -> list[tuple[int, int]]:
         """(seq, balance) of every ledger row of `user`, read from the user's own file."""
@@ -144,8 +183,11 @@ class RunningStack:
 
 
 @pytest.fixture
-def make_stack(tmp_path: Path) -> Iterator[Callable[..., RunningStack]]:
-    """Starts a real stack; `make_stack(idle_ttl=..., max_workers=...)` overrides settings."""
+def make_stack(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., RunningStack]]:
+    """Starts a real stack; `make_stack(idle_ttl=..., runtime="docker", ...)` overrides
+    settings. A docker stack needs the engine (and skips or fails without it)."""
     started: list[RunningStack] = []
     run_dirs: list[str] = []
 
@@ -159,9 +201,11 @@ def make_stack(tmp_path: Path) -> Iterator[Callable[..., RunningStack]]:
             runtime="process", idle_ttl=60.0, max_workers=64, run_dir_override=Path(run_dir),
             log_level="INFO",
         ).with_(**overrides)
+        engine = request.getfixturevalue("engine") if settings.runtime == "docker" else None
+        settings = settings.with_(worker_image=WORKER_IMAGE)
         log_dir = tmp_path / f"logs{index}"
         stack = Stack(settings, log_dir=log_dir)
-        running = RunningStack(stack, log_dir)
+        running = RunningStack(stack, log_dir, engine)
         started.append(running)
         stack.start()
         return running
@@ -169,6 +213,11 @@ def make_stack(tmp_path: Path) -> Iterator[Callable[..., RunningStack]]:
     yield make
     for running in reversed(started):
         running.stack.stop()
+        if running.engine is not None:  # whatever a failed test left behind
+            leftovers = running.engine.containers(
+                all=True, filters={"label": f"upw.data-dir={running.data_dir}"})
+            for container in leftovers:
+                running.engine.remove_container(container["Id"], force=True)
     for run_dir in run_dirs:
         shutil.rmtree(run_dir, ignore_errors=True)
 

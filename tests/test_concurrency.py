@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from tests.conftest import RunningStack, wait_for
 
 
-def test_fifty_concurrent_deposits_share_one_worker(stack: RunningStack) -> None:
+@pytest.mark.parametrize("runtime", ["process", "docker"])
+def test_fifty_concurrent_deposits_share_one_worker(
+    make_stack: Callable[..., RunningStack], runtime: str
+) -> None:
+    stack = make_stack(runtime=runtime)
     user = "hayate"
     assert stack.http.get(f"/{user}/create").status == 200
     amounts = list(range(1, 51))
@@ -21,7 +28,9 @@ def test_fifty_concurrent_deposits_share_one_worker(stack: RunningStack) -> None
     assert statuses == [200] * 50
     assert stack.http.get(f"/{user}/show").text == f"{user}'s account is {sum(amounts)} yen.\n"
     assert stack.worker_starts(user) == 1
-    assert len(stack.worker_pids(user)) == 1
+    assert stack.live_workers(user) == 1
+    if runtime == "docker":
+        assert len(stack.containers(user)) == 1
 
     ledger = stack.sqlite_ledger(user)
     assert [seq for seq, _ in ledger] == list(range(1, 52))

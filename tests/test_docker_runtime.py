@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import socket
 import tempfile
@@ -20,7 +19,6 @@ import docker.errors
 import grpc
 import pytest
 from docker.api import APIClient
-from docker.utils import kwargs_from_env
 
 from conventions.config import ConfigError, Settings
 from conventions.users import account_db, user_dir
@@ -36,12 +34,12 @@ from dispatcher.runtimes.docker import (
     DockerWorker,
 )
 from dispatcher.runtimes.process import ProcessRuntime
+from tests.conftest import WORKER_IMAGE
 from upw.account.v1 import account_pb2
 
 pytestmark = pytest.mark.docker
 
 T = TypeVar("T")
-IMAGE = os.environ.get("UPW_WORKER_IMAGE") or "upw/worker:latest"
 
 
 def run(coro: Awaitable[T]) -> T:
@@ -49,26 +47,6 @@ def run(coro: Awaitable[T]) -> T:
         return await coro
 
     return asyncio.run(main())
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[APIClient]:
-    """The Docker Engine, once it answers and has the worker image. Without them the test
-    skips with the reason, or fails when UPW_REQUIRE_DOCKER=1."""
-    api: APIClient | None = None
-    try:
-        api = APIClient(version="auto", **kwargs_from_env())
-        api.ping()
-        api.inspect_image(IMAGE)
-    except (docker.errors.DockerException, OSError) as exc:
-        if api is not None:
-            api.close()
-        reason = f"needs a Docker Engine with the image {IMAGE!r} (./build.sh worker): {exc}"
-        if os.environ.get("UPW_REQUIRE_DOCKER") == "1":
-            pytest.fail(f"UPW_REQUIRE_DOCKER=1: {reason}", pytrace=False)
-        pytest.skip(reason)
-    yield api
-    api.close()
 
 
 @pytest.fixture
@@ -80,7 +58,7 @@ def make_settings(tmp_path: Path) -> Iterator[Callable[[str], Settings]]:
         run_dir = tempfile.mkdtemp(prefix="upw-", dir="/tmp")
         run_dirs.append(run_dir)
         return Settings(data_dir=tmp_path / name, run_dir_override=Path(run_dir), runtime="docker",
-                        worker_image=IMAGE, worker_memory="96m", worker_pids=48)
+                        worker_image=WORKER_IMAGE, worker_memory="96m", worker_pids=48)
 
     yield make
     for run_dir in run_dirs:

@@ -3,12 +3,18 @@ ETL and PostgreSQL."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
+
 from tests.conftest import RunningStack, summary_lines, wait_for
 
 TEXT = "text/plain; charset=utf-8"
 
 
-def test_original_walkthrough(stack: RunningStack) -> None:
+@pytest.mark.parametrize("runtime", ["process", "docker"])
+def test_original_walkthrough(make_stack: Callable[..., RunningStack], runtime: str) -> None:
+    stack = make_stack(runtime=runtime)
     http = stack.http
     steps = [
         ("/koduki/create", "Hello, koduki. Welcome Unlimited Process Works!\n"),
@@ -33,6 +39,11 @@ def test_original_walkthrough(stack: RunningStack) -> None:
     response = http.get("/account_summary")
     assert response.body == b"koduki, 256\nnanoha, 156\nmisuzu, 75\n"
     assert response.content_type == TEXT
+    for user in ["koduki", "nanoha", "misuzu"]:
+        assert stack.worker_starts(user) == 1
+        if runtime == "docker":  # seen from the engine's side: one container per user
+            [container] = stack.containers(user)
+            assert container["State"] == "running"
 
 
 def test_json_routes(stack: RunningStack) -> None:
