@@ -4,13 +4,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install gen check lint typecheck clean
+.PHONY: run test install worker-image gen check lint typecheck clean
 
 run: $(STAMP)
 	$(PY) -m launcher run
 
-test: $(STAMP)
+test: $(STAMP) worker-image
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The docker tests need the worker image; without an engine they skip (or fail under
+# UPW_REQUIRE_DOCKER=1, as in CI).
+worker-image: $(STAMP)
+	@if docker info >/dev/null 2>&1; then PYTHON=$(PY) ./build.sh worker; \
+	else echo "make: no Docker engine answers; tests that need one will skip"; fi
 
 install: $(STAMP)
 

@@ -197,7 +197,7 @@ image_wheels() {
 
 dockerfile_of() {
     case $1 in
-        postgres) echo docker/postgres/Dockerfile ;;
+        postgres) echo postgres/Dockerfile ;;
         *) echo "$1/Dockerfile" ;;
     esac
 }
@@ -218,7 +218,7 @@ make_context() {
         cp "$BUILD"/wheels/project/*.whl "$ctx/project/"
     fi
     case $name in
-        postgres) cp -p docker/postgres/docker-entrypoint.sh "$ctx/" ;;
+        postgres) cp -p postgres/docker-entrypoint.sh "$ctx/" ;;
         envoy) cp envoy/envoy.yaml.tmpl generated/upw.pb envoy/docker-entrypoint.py "$ctx/" ;;
     esac
 }

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 ACCOUNT_SERVICE = "upw.account.v1.AccountService"
 # gRPC waits a whole second before its first reconnect by default; a worker that is starting
 # becomes reachable within milliseconds.
+# The longest a call to a worker may take (the dispatcher's per-call deadline).
+CALL_GRACE = 10.0
 FAST_RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 20),
     ("grpc.min_reconnect_backoff_ms", 20),
@@ -257,7 +259,10 @@ class WorkerPool:
         except BaseException:
             worker = None
         if worker is not None:
-            await worker.channel.close()
+            # Closing a channel cancels its calls, and a cancelled call never answers its
+            # caller; so calls still running on it (on a worker that stopped answering, they
+            # fail on their own within their deadline) are let finish first.
+            await worker.channel.close(grace=CALL_GRACE)
             try:
                 await self.runtime.stop(worker.running)
             except Exception:

@@ -18,7 +18,7 @@ from google.api import httpbody_pb2
 
 from conventions.users import InvalidUserName, validate_user
 from dispatcher.errors import SummaryUnavailable, WorkerCapReached, WorkerUnavailable
-from dispatcher.pool import WorkerPool
+from dispatcher.pool import CALL_GRACE, WorkerPool
 from upw.account.v1 import account_pb2, account_pb2_grpc
 from upw.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from upw.summary.v1 import summary_pb2
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 INT64_MAX = 2**63 - 1
 TEXT = "text/plain; charset=utf-8"
-WORKER_CALL_TIMEOUT = 10.0
+WORKER_CALL_TIMEOUT = CALL_GRACE
 SUMMARY_TIMEOUT = 30.0
 
 
