@@ -3,6 +3,7 @@ acknowledged deposit is in the user's ledger and, after catch-up, in PostgreSQL.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -15,7 +16,7 @@ from tests.conftest import RunningStack, wait_for
 
 def amounts_in(ledger: list[tuple[int, int]]) -> list[int]:
     """The deposits of a ledger of (seq, balance) rows, from the balance steps."""
-    return [b - a for (_, a), (_, b) in zip(ledger, ledger[1:], strict=False)]
+    return [b - a for (_, a), (_, b) in itertools.pairwise(ledger)]
 
 
 @pytest.mark.parametrize("runtime", ["process", "docker"])
