@@ -252,6 +252,24 @@ remove_old() {
     done
 }
 
+# docker-compose.yml mounts the data dir and the run dir at their host paths, so it needs them
+# as absolute paths: .env holds them (written once; edit it to move them). The run dir holds
+# sockets of containers with different uids (root dispatcher, uid 10001 etl and envoy), so it
+# is sticky and world-writable like /tmp; it is short because a socket path may not exceed
+# 107 bytes.
+compose_env() {
+    if [ ! -f .env ]; then
+        local run_dir
+        run_dir=/tmp/upw-compose-$(printf '%s' "$ROOT" | sha256sum | cut -c1-8)
+        printf 'UPW_DATA_DIR=%s\nUPW_RUN_DIR=%s\n' "$ROOT/var/compose" "$run_dir" > .env
+        phase "compose: wrote .env (data in $ROOT/var/compose)"
+    fi
+    # shellcheck disable=SC1091
+    . ./.env
+    mkdir -p "$UPW_DATA_DIR" "$UPW_RUN_DIR"
+    chmod 1777 "$UPW_RUN_DIR"
+}
+
 main() {
     local images=${*:-$ALL_IMAGES} name
     for name in $images; do image_deps "$name" >/dev/null; done   # unknown names fail early
@@ -265,6 +283,7 @@ main() {
     for name in $images; do
         build_image "$name"
     done
+    [ $# -gt 0 ] || compose_env
     phase "done"
 }
 

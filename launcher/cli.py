@@ -14,7 +14,7 @@ from types import FrameType
 
 from conventions import logs
 from conventions.config import ConfigError, from_env
-from launcher.stack import Stack, StartError
+from launcher.stack import Stack, StartError, grpc_serving
 
 log = logging.getLogger("launcher")
 
@@ -66,8 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upw", description="Unlimited Process Works")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="start the whole stack in the foreground (Ctrl-C stops it)")
+    health = commands.add_parser("health", help="check a gRPC server's health (exit 0 = SERVING)")
+    health.add_argument("target", help="host:port or unix:/path/to.sock")
+    health.add_argument("--timeout", type=float, default=2.0)
     args = parser.parse_args(argv)
     if args.command == "run":
         return run()
+    if args.command == "health":
+        return 0 if grpc_serving(args.target, args.timeout) else 1
     parser.error(f"unknown command {args.command!r}")
     return 2
