@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from conventions.users import user_dir
 from tests.conftest import RunningStack, summary_lines, wait_for
 
 TEXT = "text/plain; charset=utf-8"
@@ -44,6 +45,27 @@ def test_original_walkthrough(make_stack: Callable[..., RunningStack], runtime: 
         if runtime == "docker":  # seen from the engine's side: one container per user
             [container] = stack.containers(user)
             assert container["State"] == "running"
+            assert_hardened(stack, user, container["Id"])
+
+
+def assert_hardened(stack: RunningStack, user: str, container_id: str) -> None:
+    """The worker container of `user` has only its user's directory and the ETL's socket
+    directory mounted, no network, a read-only root, a non-root user, no capabilities and the
+    configured limits."""
+    assert stack.engine is not None
+    inspected = stack.engine.inspect_container(container_id)
+    host, config = inspected["HostConfig"], inspected["Config"]
+    assert sorted((m["Source"], m["RW"]) for m in inspected["Mounts"]) == sorted([
+        (str(user_dir(stack.data_dir, user)), True),
+        (str(stack.settings.etl_socket.parent), False),
+    ])
+    assert config["User"].split(":")[0] == "10001"
+    assert host["NetworkMode"] == "none"
+    assert host["ReadonlyRootfs"] is True
+    assert host["CapDrop"] == ["ALL"]
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["Memory"] == 128 * 1024 * 1024  # the default UPW_WORKER_MEMORY
+    assert host["PidsLimit"] == stack.settings.worker_pids
 
 
 def test_json_routes(stack: RunningStack) -> None:
