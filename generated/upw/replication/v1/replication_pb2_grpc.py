@@ -39,6 +39,11 @@ class ReplicationStub:
                 request_serializer=upw_dot_replication_dot_v1_dot_replication__pb2.ChangeBatch.SerializeToString,
                 response_deserializer=upw_dot_replication_dot_v1_dot_replication__pb2.Ack.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/upw.replication.v1.Replication/GetStatus',
+                request_serializer=upw_dot_replication_dot_v1_dot_replication__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=upw_dot_replication_dot_v1_dot_replication__pb2.ReplicationStatus.FromString,
+                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -53,6 +58,14 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """What the ETL knows of its open streams: how far each user's PostgreSQL rows are behind
+        that user's worker. For operators (grpcurl -unix); not routed through Envoy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +73,11 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=upw_dot_replication_dot_v1_dot_replication__pb2.ChangeBatch.FromString,
                     response_serializer=upw_dot_replication_dot_v1_dot_replication__pb2.Ack.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=upw_dot_replication_dot_v1_dot_replication__pb2.GetStatusRequest.FromString,
+                    response_serializer=upw_dot_replication_dot_v1_dot_replication__pb2.ReplicationStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +107,33 @@ class Replication:
             '/upw.replication.v1.Replication/Stream',
             upw_dot_replication_dot_v1_dot_replication__pb2.ChangeBatch.SerializeToString,
             upw_dot_replication_dot_v1_dot_replication__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/upw.replication.v1.Replication/GetStatus',
+            upw_dot_replication_dot_v1_dot_replication__pb2.GetStatusRequest.SerializeToString,
+            upw_dot_replication_dot_v1_dot_replication__pb2.ReplicationStatus.FromString,
             options,
             channel_credentials,
             insecure,

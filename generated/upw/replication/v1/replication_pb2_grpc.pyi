@@ -36,6 +36,10 @@ class ReplicationStub:
     each batch with an Ack once the batch is committed to PostgreSQL. Applying a
     batch twice changes nothing, so a worker resends whatever was not acknowledged.
     """
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_replication_pb2.GetStatusRequest, _replication_pb2.ReplicationStatus]
+    """What the ETL knows of its open streams: how far each user's PostgreSQL rows are behind
+    that user's worker. For operators (grpcurl -unix); not routed through Envoy.
+    """
 
 @_typing.type_check_only
 class ReplicationAsyncStub(ReplicationStub):
@@ -44,6 +48,10 @@ class ReplicationAsyncStub(ReplicationStub):
     """A worker sends batches of its user's ledger rows in seq order; the ETL answers
     each batch with an Ack once the batch is committed to PostgreSQL. Applying a
     batch twice changes nothing, so a worker resends whatever was not acknowledged.
+    """
+    GetStatus: _aio.UnaryUnaryMultiCallable[_replication_pb2.GetStatusRequest, _replication_pb2.ReplicationStatus]  # type: ignore[assignment]
+    """What the ETL knows of its open streams: how far each user's PostgreSQL rows are behind
+    that user's worker. For operators (grpcurl -unix); not routed through Envoy.
     """
 
 class ReplicationServicer(metaclass=_abc_1.ABCMeta):
@@ -56,6 +64,16 @@ class ReplicationServicer(metaclass=_abc_1.ABCMeta):
         """A worker sends batches of its user's ledger rows in seq order; the ETL answers
         each batch with an Ack once the batch is committed to PostgreSQL. Applying a
         batch twice changes nothing, so a worker resends whatever was not acknowledged.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStatus(
+        self,
+        request: _replication_pb2.GetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replication_pb2.ReplicationStatus, _abc.Awaitable[_replication_pb2.ReplicationStatus]]:
+        """What the ETL knows of its open streams: how far each user's PostgreSQL rows are behind
+        that user's worker. For operators (grpcurl -unix); not routed through Envoy.
         """
 
 def add_ReplicationServicer_to_server(servicer: ReplicationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
