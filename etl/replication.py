@@ -18,6 +18,7 @@ import grpc
 
 from conventions.users import InvalidUserName, validate_user
 from etl.errors import DatabaseUnavailable, EtlError, InvalidBatch
+from etl.lag import StreamLag
 from etl.sink import Change
 from upw.replication.v1 import replication_pb2, replication_pb2_grpc
 
@@ -66,8 +67,17 @@ def _status_of(error: Exception) -> grpc.StatusCode:
 
 
 class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
-    def __init__(self, sink: BatchSink) -> None:
+    def __init__(self, sink: BatchSink, lag: StreamLag | None = None) -> None:
         self._sink = sink
+        self.lag = lag or StreamLag()
+
+    async def GetStatus(
+        self,
+        request: replication_pb2.GetStatusRequest,
+        context: grpc.aio.ServicerContext[
+            replication_pb2.GetStatusRequest, replication_pb2.ReplicationStatus],
+    ) -> replication_pb2.ReplicationStatus:
+        return self.lag.status()
 
     async def Stream(
         self,
@@ -75,15 +85,21 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
         context: grpc.aio.ServicerContext[replication_pb2.ChangeBatch, replication_pb2.Ack],
     ) -> AsyncIterator[replication_pb2.Ack]:
         peer = context.peer()
-        async for batch in request_iterator:
-            try:
-                user, changes = changes_of(batch)
-                acked = await self._sink.apply(user, changes)
-            except (InvalidUserName, EtlError) as e:
-                code = _status_of(e)
-                logger.warning(
-                    "replication of %r from %s ends with %s: %s", batch.user, peer, code.name, e
-                )
-                await context.abort(code, str(e))
-            logger.debug("applied seq %d-%d of %r", changes[0].seq, acked, user)
-            yield replication_pb2.Ack(user=user, acked_seq=acked)
+        handle = self.lag.opened()
+        try:
+            async for batch in request_iterator:
+                try:
+                    user, changes = changes_of(batch)
+                    acked = await self._sink.apply(user, changes)
+                except (InvalidUserName, EtlError) as e:
+                    code = _status_of(e)
+                    logger.warning(
+                        "replication of %r from %s ends with %s: %s",
+                        batch.user, peer, code.name, e,
+                    )
+                    await context.abort(code, str(e))
+                self.lag.applied(handle, user, batch.head_seq, acked, changes[-1].at)
+                logger.debug("applied seq %d-%d of %r", changes[0].seq, acked, user)
+                yield replication_pb2.Ack(user=user, acked_seq=acked)
+        finally:
+            self.lag.closed(handle)

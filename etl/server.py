@@ -24,6 +24,7 @@ from conventions import logs
 from conventions.config import ConfigError, Settings, from_env
 from etl.embedded import EmbeddedPostgres
 from etl.errors import DatabaseUnavailable
+from etl.lag import StreamLag
 from etl.replication import BatchSink, ReplicationServicer
 from etl.sink import Sink
 from etl.summary import SummaryServicer, SummarySource
@@ -61,6 +62,7 @@ def create_server(
     sink: EtlSink,
     *,
     health_servicer: health.aio.HealthServicer | None = None,
+    lag: StreamLag | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A server bound to `address` (e.g. "unix:/run/etl.sock" or "127.0.0.1:0"), not started.
 
@@ -74,7 +76,8 @@ def create_server(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    replication_pb2_grpc.add_ReplicationServicer_to_server(ReplicationServicer(sink), server)
+    replication_pb2_grpc.add_ReplicationServicer_to_server(
+        ReplicationServicer(sink, lag), server)
     summary_pb2_grpc.add_SummaryServiceServicer_to_server(SummaryServicer(sink), server)
     health_pb2_grpc.add_HealthServicer_to_server(
         health_servicer or health.aio.HealthServicer(), server
@@ -121,7 +124,9 @@ async def serve(settings: Settings) -> None:
     socket = settings.etl_socket
     prepare_socket(socket)
     address = f"unix:{socket}"
-    server, _ = create_server(address, sink, health_servicer=health_servicer)
+    lag = StreamLag()
+    server, _ = create_server(address, sink, health_servicer=health_servicer, lag=lag)
+    lag_log = asyncio.create_task(lag.log_periodically())
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -144,6 +149,7 @@ async def serve(settings: Settings) -> None:
                 await opening
         logger.info("etl stopping")
     finally:
+        lag_log.cancel()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(SHUTDOWN_GRACE)
         await sink.close()

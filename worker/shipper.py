@@ -201,7 +201,7 @@ class Shipper:
         rows = self._store.pending(after_seq, self._batch_rows)
         if not rows:
             return None
-        batch = replication_pb2.ChangeBatch(user=self._user)
+        batch = replication_pb2.ChangeBatch(user=self._user, head_seq=self._store.last_seq())
         size = 0
         for row in rows:
             message = entry_message(row)
