@@ -421,3 +421,38 @@ def test_process_survives_sigkill(tmp_path: Path, sockdir: Path) -> None:
             leftover = EmbeddedPostgres(data_dir / "postgres")
             leftover.start()
             leftover.stop()
+
+
+def test_two_overlapping_activations_of_one_user(conninfo: str, sockdir: Path) -> None:
+    """An old worker still flushing while the new one of the same user ships: two streams at
+    once, with overlapping and duplicated batches in any interleaving."""
+
+    async def scenario() -> None:
+        async with opened(conninfo) as sink, serving(sink, sockdir) as channel:
+            stub = replication_pb2_grpc.ReplicationStub(channel)
+
+            async def activation(ranges: list[tuple[int, int]]) -> list[int]:
+                call = stub.Stream()
+                acked = []
+                for first, last in ranges:
+                    await call.write(batch("vita", first, last))
+                    acked.append((await read_ack(call)).acked_seq)
+                await call.done_writing()
+                return acked
+
+            old = [(1, 10), (11, 20), (11, 20), (21, 25)]  # with a duplicated batch
+            new = [(1, 25), (26, 40), (21, 30), (41, 60)]  # replays what the old one had
+            old_acks, new_acks = await asyncio.gather(activation(old), activation(new))
+            assert old_acks == [10, 20, 20, 25]
+            assert new_acks == [25, 40, 30, 60]
+            async with await psycopg.AsyncConnection.connect(conninfo) as connection:
+                cursor = await connection.execute(
+                    "SELECT seq, balance FROM ledger WHERE user_name = 'vita' ORDER BY seq")
+                rows = await cursor.fetchall()
+                cursor = await connection.execute(
+                    "SELECT balance, last_seq FROM accounts WHERE user_name = 'vita'")
+                account = await cursor.fetchone()
+            assert rows == [(s, s * (s + 1) // 2) for s in range(1, 61)]
+            assert account == (60 * 61 // 2, 60)
+
+    asyncio.run(scenario())
