@@ -3,7 +3,8 @@
 Contract: `apply` is idempotent. Applying a batch twice, or an older batch after a newer one,
 changes nothing; a batch is committed in one transaction, so when `apply` returns, every row of
 the batch is durable in PostgreSQL. `accounts.balance` always equals the balance of the user's
-ledger row with the highest seq.
+ledger row with the highest seq. `repair` is the one exception to "rows are never
+overwritten": reconcile calls it with rows read from the user's own database, the source of truth.
 
 Concurrency: any number of batches may be applied at once, each on its own pooled connection.
 Two transactions touching one user insert ledger rows in ascending seq order and upsert the
@@ -95,6 +96,73 @@ LIMIT %(limit)s
 """
 
 
+# Reconcile reads and repairs. The account row and the newest ledger row are read in one
+# statement, so they come from one snapshot and an apply committing meanwhile cannot make them
+# look inconsistent.
+_ACCOUNT_CHECK = """
+SELECT a.balance, a.last_seq, l.seq, l.balance
+FROM (SELECT 1) AS one
+LEFT JOIN accounts AS a ON a.user_name = %(user)s
+LEFT JOIN LATERAL (
+    SELECT seq, balance FROM ledger WHERE user_name = %(user)s ORDER BY seq DESC LIMIT 1
+) AS l ON true
+"""
+
+_LEDGER_PAGE = """
+SELECT seq, kind, amount, balance, at FROM ledger
+WHERE user_name = %(user)s AND seq > %(after)s
+ORDER BY seq
+LIMIT %(limit)s
+"""
+
+_ACCOUNT_NAMES = "SELECT user_name FROM accounts ORDER BY user_name"
+
+# The worker's row wins: an existing row with the same seq is overwritten.
+_OVERWRITE_LEDGER = """
+INSERT INTO ledger AS l (user_name, seq, kind, amount, balance, at)
+SELECT %(user)s, u.seq, u.kind, u.amount, u.balance, u.at
+FROM unnest(
+    %(seqs)s::bigint[], %(kinds)s::smallint[], %(amounts)s::bigint[],
+    %(balances)s::bigint[], %(ats)s::timestamptz[]
+) AS u(seq, kind, amount, balance, at)
+ON CONFLICT (user_name, seq) DO UPDATE SET
+    kind = excluded.kind, amount = excluded.amount, balance = excluded.balance,
+    at = excluded.at, applied_at = now()
+WHERE (l.kind, l.amount, l.balance, l.at)
+    IS DISTINCT FROM (excluded.kind, excluded.amount, excluded.balance, excluded.at)
+"""
+
+_DROP_LEDGER = "DELETE FROM ledger WHERE user_name = %(user)s AND seq = ANY(%(seqs)s::bigint[])"
+
+_LOCK_ACCOUNT = "SELECT 1 FROM accounts WHERE user_name = %(user)s FOR UPDATE"
+
+# Run while holding the account row's lock, in a statement of its own: its snapshot then holds
+# every committed apply, and an apply still in flight upserts the account after this commits.
+_RESET_ACCOUNT = """
+UPDATE accounts AS a SET balance = l.balance, last_seq = l.seq, updated_at = now()
+FROM (
+    SELECT seq, balance FROM ledger WHERE user_name = %(user)s ORDER BY seq DESC LIMIT 1
+) AS l
+WHERE a.user_name = %(user)s AND (a.balance, a.last_seq) IS DISTINCT FROM (l.balance, l.seq)
+"""
+
+# When there was no account row to lock, an apply may insert one meanwhile; its row then
+# stands unless it is older than the ledger read here.
+_CREATE_ACCOUNT = """
+INSERT INTO accounts AS a (user_name, balance, last_seq, created_at, updated_at)
+SELECT %(user)s, l.balance, l.seq, f.at, now()
+FROM (
+    SELECT seq, balance FROM ledger WHERE user_name = %(user)s ORDER BY seq DESC LIMIT 1
+) AS l, (
+    SELECT at FROM ledger WHERE user_name = %(user)s ORDER BY seq LIMIT 1
+) AS f
+ON CONFLICT (user_name) DO UPDATE SET
+    balance = excluded.balance, last_seq = excluded.last_seq, updated_at = now(),
+    created_at = LEAST(a.created_at, excluded.created_at)
+WHERE excluded.last_seq > a.last_seq
+"""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Change:
     """One ledger row of one user, as shipped by its worker."""
@@ -112,6 +180,26 @@ class AccountRow:
     balance: int
     last_seq: int
     created_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccountCheck:
+    """A user's account row and the newest ledger row, as PostgreSQL held them at one moment;
+    a field is None when the row does not exist."""
+
+    balance: int | None
+    last_seq: int | None
+    ledger_last_seq: int | None
+    ledger_last_balance: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Repaired:
+    """What one `Sink.repair` call changed."""
+
+    rows_written: int
+    rows_dropped: int
+    account_fixed: bool
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,6 +339,99 @@ class Sink:
             row = await cursor.fetchone()
         assert row is not None
         return int(row[0]), int(row[1])
+
+    async def attach(self) -> None:
+        """Opens the pool on a schema the ETL has already created, creating nothing (for
+        tools such as reconcile). Raises DatabaseUnavailable when PostgreSQL cannot be
+        reached, SinkError when it holds no ETL schema or a newer one."""
+        await self._pool.open(wait=False)
+        async with self._connection("reading the ETL schema version", schema=False) as conn:
+            cursor = await conn.execute("SELECT to_regclass('etl_schema') IS NOT NULL")
+            exists = await cursor.fetchone()
+            version = None
+            if exists is not None and exists[0]:
+                cursor = await conn.execute("SELECT max(version) FROM etl_schema")
+                row = await cursor.fetchone()
+                version = None if row is None else row[0]
+        if version is None:
+            raise SinkError(
+                "PostgreSQL holds no ETL schema; is this the ETL's database (UPW_DATABASE_URL), "
+                "and has the ETL run against it once?"
+            )
+        if version > SCHEMA_VERSION:
+            raise SinkError(
+                f"PostgreSQL holds ETL schema version {version}, newer than this code's "
+                f"{SCHEMA_VERSION}; use the newer upw"
+            )
+        self._ready = True
+
+    async def account_check(self, user: str) -> AccountCheck:
+        """The account row of `user` and the newest ledger row, from one snapshot."""
+        async with self._connection(f"checking the account of {user!r}") as conn:
+            cursor = await conn.execute(_ACCOUNT_CHECK, {"user": user})
+            row = await cursor.fetchone()
+        assert row is not None
+        return AccountCheck(
+            balance=row[0], last_seq=row[1], ledger_last_seq=row[2], ledger_last_balance=row[3]
+        )
+
+    async def ledger_page(self, user: str, *, after_seq: int, limit: int) -> list[Change]:
+        """At most `limit` ledger rows of `user` with seq > `after_seq`, in seq order."""
+        async with self._connection(f"reading the ledger of {user!r} after {after_seq}") as c:
+            cursor = await c.execute(
+                _LEDGER_PAGE, {"user": user, "after": after_seq, "limit": limit}
+            )
+            rows = await cursor.fetchall()
+        return [Change(seq=r[0], kind=r[1], amount=r[2], balance=r[3], at=r[4]) for r in rows]
+
+    async def account_names(self) -> list[str]:
+        """Every user with an account row, in name order."""
+        async with self._connection("listing the accounts") as conn:
+            cursor = await conn.execute(_ACCOUNT_NAMES)
+            rows = await cursor.fetchall()
+        return [str(r[0]) for r in rows]
+
+    async def repair(
+        self, user: str, changes: Sequence[Change], *, drop_seqs: Sequence[int] = ()
+    ) -> Repaired:
+        """Makes PostgreSQL agree with the worker's ledger, in one transaction: writes
+        `changes` (ascending seq order) over whatever rows of the same seq hold, deletes the rows
+        `drop_seqs` that the worker's ledger does not have, and sets the account row to the
+        newest ledger row. Unlike `apply` it overwrites, so the caller must pass rows read from
+        the user's own database. Safe to run while batches of the same user are applied: it
+        takes its locks in the same order as `apply` (ledger rows ascending, account row last).
+        """
+        params = {
+            "user": user,
+            "seqs": [c.seq for c in changes],
+            "kinds": [c.kind for c in changes],
+            "amounts": [c.amount for c in changes],
+            "balances": [c.balance for c in changes],
+            "ats": [c.at for c in changes],
+        }
+        written = dropped = 0
+        async with self._connection(f"repairing the rows of {user!r}") as conn:
+            async with conn.transaction():
+                if changes:
+                    cursor = await conn.execute(_OVERWRITE_LEDGER, params)
+                    written = max(cursor.rowcount, 0)
+                if drop_seqs:
+                    cursor = await conn.execute(
+                        _DROP_LEDGER, {"user": user, "seqs": list(drop_seqs)}
+                    )
+                    dropped = max(cursor.rowcount, 0)
+                cursor = await conn.execute(_LOCK_ACCOUNT, {"user": user})
+                locked = await cursor.fetchone() is not None
+                cursor = await conn.execute(
+                    _RESET_ACCOUNT if locked else _CREATE_ACCOUNT, {"user": user}
+                )
+                fixed = cursor.rowcount > 0
+        if written or dropped or fixed:
+            logger.info(
+                "user %r: repaired %d ledger rows, dropped %d, account row %s",
+                user, written, dropped, "fixed" if fixed else "unchanged",
+            )
+        return Repaired(rows_written=written, rows_dropped=dropped, account_fixed=fixed)
 
     @asynccontextmanager
     async def _connection(

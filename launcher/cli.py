@@ -1,6 +1,9 @@
 """`upw` (also `python -m launcher`): the product's command line.
 
-    upw run     start the whole stack in the foreground; Ctrl-C stops it cleanly
+    upw run         start the whole stack in the foreground; Ctrl-C stops it cleanly
+    upw health      check a gRPC server's health (exit 0 = SERVING)
+    upw reconcile   compare every user's ledger with PostgreSQL (exit 1 = diverged);
+                    --repair makes PostgreSQL agree with the users' databases
 """
 
 from __future__ import annotations
@@ -69,10 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     health = commands.add_parser("health", help="check a gRPC server's health (exit 0 = SERVING)")
     health.add_argument("target", help="host:port or unix:/path/to.sock")
     health.add_argument("--timeout", type=float, default=2.0)
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="compare every user's SQLite ledger with PostgreSQL (exit 1 = diverged)")
+    reconcile.add_argument(
+        "--repair", action="store_true",
+        help="ship what PostgreSQL lacks, overwrite what it has wrong, then check again")
     args = parser.parse_args(argv)
     if args.command == "run":
         return run()
     if args.command == "health":
         return 0 if grpc_serving(args.target, args.timeout) else 1
+    if args.command == "reconcile":
+        from etl import reconcile as reconciler  # psycopg and pgserver only for this command
+
+        return reconciler.main(repair=args.repair)
     parser.error(f"unknown command {args.command!r}")
     return 2
