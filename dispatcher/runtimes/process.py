@@ -115,9 +115,11 @@ class ProcessRuntime:
         worker.socket.unlink(missing_ok=True)
 
     async def remove_leftovers(self) -> int:
+        """Stops every leftover worker at once: each may spend its flush timeout shipping to
+        the ETL, and a crashed dispatcher can leave hundreds."""
         if not self._workers_dir.is_dir():
             return 0
-        stopped = 0
+        leftovers = []
         for pid_file in sorted(self._workers_dir.glob("*.pid")):
             socket = pid_file.with_suffix(".sock")
             try:
@@ -128,11 +130,15 @@ class ProcessRuntime:
                 log.info(
                     "stopping worker pid %d left behind by an earlier run (%s)", pid, socket.name
                 )
-                await _terminate(pid, self._stop_grace)
-                stopped += 1
+                leftovers.append(pid)
+            else:
+                pid_file.unlink(missing_ok=True)
+                socket.unlink(missing_ok=True)
+        await asyncio.gather(*(_terminate(pid, self._stop_grace) for pid in leftovers))
+        for pid_file in sorted(self._workers_dir.glob("*.pid")):
             pid_file.unlink(missing_ok=True)
-            socket.unlink(missing_ok=True)
-        return stopped
+            pid_file.with_suffix(".sock").unlink(missing_ok=True)
+        return len(leftovers)
 
 
 def _is_worker(pid: int, socket: Path) -> bool:
