@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TextIO
 
 import apsw
-from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs in the dev extras yet
+from tqdm import tqdm
 
 from conventions import logs
 from conventions.config import ConfigError, Settings, from_env
