@@ -44,3 +44,13 @@ def user_dir(data_dir: Path, user: str) -> Path:
 
 def account_db(data_dir: Path, user: str) -> Path:
     return user_dir(data_dir, user) / "account.db"
+
+
+# The worker of a user keeps this empty file beside account.db while the ledger may hold rows
+# the ETL has not acknowledged; the dispatcher drains users whose stopped worker left it.
+UNSHIPPED_MARKER = "unshipped"
+
+
+def unshipped_marker(data_dir: Path, user: str) -> Path:
+    """`<user dir>/unshipped`: present while the user may have changes not yet in PostgreSQL."""
+    return user_dir(data_dir, user) / UNSHIPPED_MARKER

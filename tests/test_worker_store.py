@@ -208,3 +208,38 @@ def test_public_names_are_documented() -> None:
     for name, member in vars(Store).items():
         if not name.startswith("_") and callable(member):
             assert member.__doc__, f"Store.{name} has no docstring"
+
+
+def test_the_unshipped_marker_follows_the_watermark(db: Path) -> None:
+    marker = db.parent / "unshipped"
+    store = Store.open(db, user="koduki")
+    try:
+        assert not marker.exists()
+        store.create()
+        assert marker.exists()  # the OPEN row is not acknowledged yet
+        store.acknowledge(1)
+        assert not marker.exists()
+        store.deposit(5)
+        store.deposit(6)
+        store.acknowledge(2)
+        assert marker.exists()  # seq 3 is still to ship
+        with pytest.raises(errors.InsufficientFunds):
+            store.withdraw(100)
+        store.acknowledge(3)
+        assert not marker.exists()
+        store.deposit(7)
+    finally:
+        store.close()
+    # A worker that stopped with rows unshipped leaves the marker; the next open keeps it.
+    assert marker.exists()
+    reopened = Store.open(db, user="koduki")
+    try:
+        assert marker.exists() and store.marker == marker
+        reopened.acknowledge(4)
+        assert not marker.exists()
+    finally:
+        reopened.close()
+    # A stale marker (nothing unshipped) is removed when the database is opened.
+    marker.touch()
+    Store.open(db, user="koduki").close()
+    assert not marker.exists()

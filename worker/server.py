@@ -6,7 +6,9 @@ and NOT_SERVING again as soon as shutdown begins.
 
 Shutdown (`serve`, on SIGTERM or SIGINT): stop taking calls and let in-flight calls finish
 within `grace` seconds, give the shipper at most `flush_timeout` seconds to get everything
-acknowledged by the ETL, close the database and remove the socket file.
+acknowledged by the ETL, close the database and remove the socket file. Rows still not
+acknowledged then keep the user's unshipped marker (see `worker.store`), from which the
+dispatcher starts a drain of this user without waiting for the user's next request.
 """
 
 from __future__ import annotations
@@ -110,18 +112,20 @@ async def serve(options: Options, *, stop: asyncio.Event | None = None) -> None:
         finally:
             await server.stop(options.grace)
         try:
-            flushed = await shipper.flush(options.flush_timeout)
+            await shipper.flush(options.flush_timeout)
         finally:
             await shipper.stop()
-        if flushed:
-            logger.info("user %r: every ledger row is acknowledged by the ETL", user)
-        else:
+        if store.sync_marker():
             logger.info(
-                "user %r: rows %d..%d are not acknowledged yet; the next worker ships them",
+                "user %r: rows %d..%d are not acknowledged yet; left %s for the dispatcher "
+                "to drain",
                 user,
                 store.acked_seq() + 1,
                 store.last_seq(),
+                store.marker,
             )
+        else:
+            logger.info("user %r: every ledger row is acknowledged by the ETL", user)
     finally:
         store.close()
         with contextlib.suppress(FileNotFoundError):

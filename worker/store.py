@@ -17,12 +17,23 @@ The ledger is append-only. `seq` starts at 1 (the OPEN row) and increases by exa
 a row's `balance` is the balance after it, so the newest row holds the account's balance. A
 ledger row is also the change record shipped to the ETL (the transactional outbox), and the
 one-row `replication` table holds `acked_seq`, the highest seq the ETL has acknowledged.
+
+The unshipped marker (`conventions.users.UNSHIPPED_MARKER`, an empty file beside the database):
+it exists whenever the ledger may hold rows above the watermark, so a worker that stops or is
+killed with changes not yet acknowledged leaves it behind, and the dispatcher drains that user
+(`dispatcher/drain.py`). The rule that keeps it true: the marker is created (and its directory
+fsynced) inside the write transaction, before the row it covers is inserted, so no committed
+row is ever unmarked, not even after a SIGKILL or a power loss; it is removed as soon as the
+watermark reaches the newest row. A marker without unshipped rows (a failed write, a crash
+between the ack and the removal) only costs one needless drain, and `Store.open` removes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +42,7 @@ from pathlib import Path
 
 import apsw
 
+from conventions.users import UNSHIPPED_MARKER
 from worker.errors import (
     AccountNotFound,
     BalanceOverflow,
@@ -116,6 +128,12 @@ class Store:
         self.path = path
         self._busy_timeout_ms = busy_timeout_ms
         self._db: apsw.Connection | None = None
+        self._marked: bool | None = None  # None until the marker file has been looked at
+
+    @property
+    def marker(self) -> Path:
+        """The unshipped marker of this database (see the module docstring)."""
+        return self.path.parent / UNSHIPPED_MARKER
 
     @classmethod
     def open(cls, path: Path, *, user: str, busy_timeout_ms: int = 5000) -> Store:
@@ -124,6 +142,7 @@ class Store:
         store = cls(user=user, path=path, busy_timeout_ms=busy_timeout_ms)
         if path.exists():
             store._connect()
+        store.sync_marker()
         return store
 
     def _connect(self) -> apsw.Connection:
@@ -152,6 +171,37 @@ class Store:
     @property
     def has_database(self) -> bool:
         return self._db is not None
+
+    def sync_marker(self) -> bool:
+        """Makes the unshipped marker match the database: present when rows are above the
+        watermark, absent otherwise. Returns whether rows are unshipped."""
+        unshipped = self.acked_seq() < self.last_seq()
+        if unshipped:
+            self._mark()
+        else:
+            self._unmark()
+        return unshipped
+
+    def _mark(self) -> None:
+        if self._marked:
+            return
+        directory = self.marker.parent
+        fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        # The marker must be as durable as the row it covers (synchronous=FULL).
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._marked = True
+
+    def _unmark(self) -> None:
+        if self._marked is False:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.marker.unlink()
+        self._marked = False
 
     def close(self) -> None:
         """Closes the connection; the store cannot be used afterwards. Safe to call twice."""
@@ -244,6 +294,7 @@ class Store:
         with self._write() as conn:
             if self._opened_at_us() is not None:
                 return self._account(), False
+            self._mark()
             conn.execute(
                 "INSERT INTO ledger (seq, kind, amount, balance, at_us) "
                 "VALUES (1, 'OPEN', 0, 0, ?)",
@@ -272,6 +323,7 @@ class Store:
             entry = Entry(
                 seq=last.seq + 1, kind=kind, amount=amount, balance=balance, at_us=_now_us()
             )
+            self._mark()
             conn.execute(
                 "INSERT INTO ledger (seq, kind, amount, balance, at_us) VALUES (?, ?, ?, ?, ?)",
                 (entry.seq, entry.kind.name, entry.amount, entry.balance, entry.at_us),
@@ -318,11 +370,16 @@ class Store:
     def acknowledge(self, seq: int) -> int:
         """Raises the watermark to `seq` and returns the new watermark. It never moves
         backwards, and never beyond the newest row (an acknowledgement of rows this
-        database does not have cannot be true, so it is capped)."""
+        database does not have cannot be true, so it is capped). Removes the unshipped marker
+        once the watermark reaches the newest row."""
         with self._write() as conn:
             conn.execute(
                 "UPDATE replication SET acked_seq = max(acked_seq, min(?, "
                 "(SELECT coalesce(max(seq), 0) FROM ledger))) WHERE id = 1",
                 (seq,),
             )
-            return self.acked_seq()
+            acked = self.acked_seq()
+            caught_up = acked >= self.last_seq()
+        if caught_up:
+            self._unmark()
+        return acked
