@@ -9,6 +9,9 @@ are the lock):
 - At most `max_workers` workers live at once. A new user first evicts the longest-idle
   worker; when every worker is busy it waits up to `cap_wait` seconds for one to go idle,
   then fails with WorkerCapReached.
+- A `PoolListener` hears of every worker of a user before it is launched and after it is gone
+  (stopped for any reason, or failed to start); the drain queue (`dispatcher/drain.py`) uses
+  it to remember which users may have left unshipped changes behind.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -42,6 +45,19 @@ FAST_RECONNECT = [
     ("grpc.min_reconnect_backoff_ms", 20),
     ("grpc.max_reconnect_backoff_ms", 200),
 ]
+
+
+class PoolListener(Protocol):
+    """Told about worker lifecycles. Called on the event loop; must be quick and not raise
+    (an exception is logged and ignored)."""
+
+    def worker_starting(self, user: str) -> None:
+        """A worker of `user` is about to be launched."""
+        ...
+
+    def worker_stopped(self, user: str) -> None:
+        """The worker of `user` is gone (stopped, or failed to start); none is live now."""
+        ...
 
 
 @dataclass
@@ -73,8 +89,10 @@ class WorkerPool:
         max_workers: int,
         ready_timeout: float = 15.0,
         cap_wait: float = 2.0,
+        listener: PoolListener | None = None,
     ) -> None:
         self.runtime = runtime
+        self._listener = listener
         self._idle_ttl = idle_ttl
         self._max_workers = max_workers
         self._ready_timeout = ready_timeout
@@ -88,6 +106,14 @@ class WorkerPool:
     @property
     def live_workers(self) -> int:
         return len(self._slots)
+
+    @property
+    def max_workers(self) -> int:
+        return self._max_workers
+
+    def has_worker(self, user: str) -> bool:
+        """Whether `user` has a worker starting, live or stopping."""
+        return user in self._slots
 
     @contextlib.asynccontextmanager
     async def lease(self, user: str) -> AsyncIterator[Worker]:
@@ -149,6 +175,7 @@ class WorkerPool:
     def _new_slot(self, user: str) -> _Slot:
         slot = _Slot(user=user, started=asyncio.get_running_loop().create_future(), in_flight=1)
         self._slots[user] = slot
+        self._tell(user, stopped=False)
         self._spawn(self._start(slot))
         return slot
 
@@ -273,8 +300,20 @@ class WorkerPool:
     def _forget(self, slot: _Slot) -> None:
         if self._slots.get(slot.user) is slot:
             del self._slots[slot.user]
+            self._tell(slot.user, stopped=True)
         slot.stopped.set()
         self._spawn(self._notify_freed())
+
+    def _tell(self, user: str, *, stopped: bool) -> None:
+        if self._listener is None:
+            return
+        try:
+            if stopped:
+                self._listener.worker_stopped(user)
+            else:
+                self._listener.worker_starting(user)
+        except Exception:
+            log.exception("the pool listener failed on the worker of %r", user)
 
     async def _notify_freed(self) -> None:
         async with self._freed:

@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from conventions.config import Settings
+from dispatcher.drain import Drainer, DrainQueue
 from dispatcher.pool import WorkerPool
 from dispatcher.runtimes import choose_runtime
 from dispatcher.service import AccountForwarder, TextGateway, WorkerCalls
@@ -30,6 +31,13 @@ SERVICES = (
     gateway_pb2.DESCRIPTOR.services_by_name["TextGateway"].full_name,
 )
 SHUTDOWN_GRACE = 5.0
+REPLICATION_SERVICE = "upw.replication.v1.Replication"
+ETL_PROBE = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+    ("grpc.use_local_subchannel_pool", 1),
+]
 
 
 async def create_server(
@@ -60,10 +68,31 @@ async def serve(settings: Settings) -> None:
     left = await runtime.remove_leftovers()
     if left:
         log.info("stopped %d worker(s) left behind by an earlier run", left)
-    pool = WorkerPool(runtime, idle_ttl=settings.idle_ttl, max_workers=settings.max_workers)
+    # After the leftovers are gone: what they shipped or left unshipped is on disk by now.
+    queue = DrainQueue(settings.data_dir)
+    if queue.users():
+        log.info("drain queue: %d user(s) to look at from an earlier run", len(queue.users()))
+    pool = WorkerPool(
+        runtime, idle_ttl=settings.idle_ttl, max_workers=settings.max_workers, listener=queue
+    )
     etl_channel = grpc.aio.insecure_channel(
         f"unix:{settings.etl_socket}", options=[("grpc.max_receive_message_length", MAX_MESSAGE)]
     )
+    # A channel of its own with a short reconnect backoff: gRPC's default backoff grows to
+    # minutes while the ETL is down, and drains should start within a second of its return.
+    probe_channel = grpc.aio.insecure_channel(f"unix:{settings.etl_socket}", options=ETL_PROBE)
+    etl_health = health_pb2_grpc.HealthStub(probe_channel)
+
+    async def etl_ready() -> bool:
+        try:
+            reply = await etl_health.Check(
+                health_pb2.HealthCheckRequest(service=REPLICATION_SERVICE), timeout=1.0
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    drainer = Drainer(pool, queue, etl_ready=etl_ready)
     server, port = await create_server(
         f"0.0.0.0:{settings.grpc_port}", pool, summary_pb2_grpc.SummaryServiceStub(etl_channel)
     )
@@ -72,6 +101,7 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await server.start()
+    drainer.start()
     log.info(
         "dispatcher ready on 0.0.0.0:%d (runtime %s, idle ttl %gs, max workers %d)",
         port,
@@ -84,6 +114,8 @@ async def serve(settings: Settings) -> None:
         log.info("dispatcher stopping")
     finally:
         await server.stop(SHUTDOWN_GRACE)
+        await drainer.stop()
         await pool.close()
         await etl_channel.close()
+        await probe_channel.close()
         log.info("dispatcher stopped")
