@@ -27,6 +27,12 @@ from conventions.config import Settings
 from conventions.users import account_db
 from launcher.stack import Stack
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true",
+                     help="run the fault-injection test ten times longer")
+
+
 WORKER_IMAGE = os.environ.get("UPW_WORKER_IMAGE") or "upw/worker:latest"
 
 
