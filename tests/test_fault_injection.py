@@ -10,6 +10,8 @@ import itertools
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conventions.config import to_env
 from etl.embedded import EmbeddedPostgres
 from tests.conftest import RunningStack, wait_for
 
@@ -155,4 +158,12 @@ def test_nothing_acknowledged_is_lost_under_faults(
     assert (lost, duplicated, invented) == (0, 0, 0)
     assert pg_rows[0][0] == pg_rows[0][1] == sum(len(stack.sqlite_ledger(u)) for u in USERS)
     assert total_acknowledged >= deposits
+    reconcile = subprocess.run(
+        [sys.executable, "-m", "launcher", "reconcile"],
+        env={**os.environ, **to_env(stack.settings)},
+        capture_output=True, text=True, timeout=300, check=False)
+    print(reconcile.stdout)
+    assert reconcile.returncode == 0, reconcile.stdout + reconcile.stderr
+    assert f"{len(USERS)} users checked" in reconcile.stdout
+    assert f"{len(USERS)} in sync, 0 behind, 0 diverged" in reconcile.stdout
     assert sum(chaos.counts.values()) >= 4
