@@ -49,6 +49,14 @@ class EmbeddedPostgres:
         self._start_timeout = start_timeout
         self._server: Any = None
 
+    def running_url(self) -> str | None:
+        """The connection string of the PostgreSQL running on this data directory, read from
+        its `postmaster.pid`; None when none runs. Starts nothing."""
+        info = _pgserver().utils.PostmasterInfo.read_from_pgdata(self.pgdata)
+        if info is None or not info.is_running():
+            return None
+        return str(info.get_uri())
+
     def start(self) -> str:
         """Starts PostgreSQL, or reattaches to the one already running on this data directory,
         and returns its connection string. Blocks; call it from a thread in async code."""

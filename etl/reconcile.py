@@ -45,7 +45,7 @@ from tqdm import tqdm
 from conventions import logs
 from conventions.config import ConfigError, Settings, from_env
 from conventions.users import InvalidUserName, account_db, shard_of, validate_user
-from etl.embedded import _pgserver
+from etl.embedded import EmbeddedPostgres
 from etl.errors import EtlError
 from etl.sink import Change, Sink
 from worker.store import Kind
@@ -452,12 +452,12 @@ def database_url(settings: Settings) -> str:
     if settings.database_url is not None:
         return settings.database_url
     pgdata = settings.data_dir / "postgres"
-    info = _pgserver().utils.PostmasterInfo.read_from_pgdata(pgdata)
-    if info is None or not info.is_running():
+    url = EmbeddedPostgres(pgdata).running_url()
+    if url is None:
         raise ReconcileError(
             f"the embedded PostgreSQL in {pgdata} is not running; start the stack "
             "(upw run) or set UPW_DATABASE_URL")
-    return str(info.get_uri())
+    return url
 
 
 def format_report(report: Report, data_dir: Path, *, title: str = "reconcile") -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from docker.utils import kwargs_from_env
 
 from conventions.config import Settings
 from conventions.users import account_db
+from etl.embedded import EmbeddedPostgres
 from launcher.stack import Stack
 
 
@@ -226,6 +228,20 @@ def make_stack(
                 running.engine.remove_container(container["Id"], force=True)
     for run_dir in run_dirs:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL of its own (not the ETL's embedded one), so a test can stop it alone."""
+    server = EmbeddedPostgres(tmp_path / "pg")
+    server.start()
+    yield server
+    server.stop()
+
+
+def amounts_in(ledger: list[tuple[int, int]]) -> list[int]:
+    """The amounts a ledger of (seq, balance) rows moved, from its balance steps."""
+    return [b - a for (_, a), (_, b) in itertools.pairwise(ledger)]
 
 
 @pytest.fixture

@@ -15,30 +15,16 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from conventions.config import to_env
 from etl.embedded import EmbeddedPostgres
-from tests.conftest import RunningStack, wait_for
+from tests.conftest import RunningStack, amounts_in, wait_for
 
 USERS = [f"u{i:03d}" for i in range(200)]
 CLIENTS = 16
-
-
-@pytest.fixture
-def postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
-    """A PostgreSQL of its own, so the test can stop it without the ETL."""
-    server = EmbeddedPostgres(tmp_path / "pg")
-    server.start()
-    yield server
-    server.stop()
-
-
-def amounts_in(ledger: list[tuple[int, int]]) -> list[int]:
-    return [b - a for (_, a), (_, b) in itertools.pairwise(ledger)]
 
 
 class Chaos:
@@ -94,11 +80,12 @@ class Chaos:
 
 @pytest.mark.timeout(1800)
 def test_nothing_acknowledged_is_lost_under_faults(
-    make_stack: Callable[..., RunningStack], postgres: EmbeddedPostgres,
+    make_stack: Callable[..., RunningStack], own_postgres: EmbeddedPostgres,
     request: pytest.FixtureRequest,
 ) -> None:
     soak = request.config.getoption("--soak")
     deposits = 50_000 if soak else 5_000
+    postgres = own_postgres
     stack = make_stack(database_url=postgres.start(), idle_ttl=10.0, max_workers=256)
     for user in USERS:
         assert stack.http.get(f"/{user}/create").status == 200

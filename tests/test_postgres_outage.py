@@ -3,11 +3,9 @@ of stale data, nothing is acknowledged by the ETL, and PostgreSQL catches up exa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import apsw
-import pytest
 
 from conventions.users import account_db
 from etl.embedded import EmbeddedPostgres
@@ -27,18 +25,10 @@ def acked_seq(stack: RunningStack, user: str) -> int:
         connection.close()
 
 
-@pytest.fixture
-def postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
-    """A PostgreSQL of its own (not the ETL's embedded one), so the test can stop it alone."""
-    server = EmbeddedPostgres(tmp_path / "pg")
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_a_postgres_outage_loses_nothing(
-    make_stack: Callable[..., RunningStack], postgres: EmbeddedPostgres
+    make_stack: Callable[..., RunningStack], own_postgres: EmbeddedPostgres
 ) -> None:
+    postgres = own_postgres
     url = postgres.start()  # already running: answers its URL
     stack = make_stack(database_url=url)
     for user in USERS:

@@ -3,7 +3,6 @@ acknowledged deposit is in the user's ledger and, after catch-up, in PostgreSQL.
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import threading
@@ -11,12 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import RunningStack, wait_for
-
-
-def amounts_in(ledger: list[tuple[int, int]]) -> list[int]:
-    """The deposits of a ledger of (seq, balance) rows, from the balance steps."""
-    return [b - a for (_, a), (_, b) in itertools.pairwise(ledger)]
+from tests.conftest import RunningStack, amounts_in, wait_for
 
 
 @pytest.mark.parametrize("runtime", ["process", "docker"])
