@@ -130,6 +130,21 @@ class DrainQueue:
             self.remove(user)
 
 
+def unshipped_on_disk(data_dir: Path) -> tuple[int, list[str]]:
+    """(users in the drain queue, the queued users whose unshipped marker exists), read
+    without changing anything. Every user with unshipped rows is queued (see the rules above),
+    so the second list is every user whose database holds rows the ETL has not acknowledged,
+    whether its worker runs or not."""
+    directory = data_dir / "drain"
+    if not directory.is_dir():
+        return 0, []
+    queued = []
+    for entry in directory.iterdir():
+        with contextlib.suppress(InvalidUserName):
+            queued.append(validate_user(entry.name))
+    return len(queued), sorted(u for u in queued if unshipped_marker(data_dir, u).exists())
+
+
 def _mtime(path: Path) -> float:
     try:
         return path.stat().st_mtime

@@ -2,8 +2,9 @@
 
 A worker reports its newest seq (`head_seq`) with every batch; the ETL knows what it has
 committed. `StreamLag` keeps both per open stream, answers `Replication.GetStatus`, and logs one
-line every `log_every` seconds while streams are open. A worker that has stopped has no stream,
-so its unshipped rows are counted by the dispatcher's drain queue, not here.
+line every `log_every` seconds while streams are open or users have unshipped rows. A worker
+that has stopped has no stream; the count of users with unshipped rows comes from PostgreSQL
+(`Sink.unshipped_users`), which keeps each worker's last reported head.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -72,23 +74,29 @@ class StreamLag:
         reply.users_behind = sum(1 for s in self._streams.values() if s.behind)
         return reply
 
-    def summary_line(self) -> str:
+    def summary_line(self, unshipped: int) -> str:
+        """One line for the log; `unshipped` is the count of users with unshipped rows (-1 =
+        unknown, PostgreSQL unreachable)."""
         streams = list(self._streams.values())
         behind = [s for s in streams if s.behind]
         worst = max(behind, key=lambda s: s.behind, default=None)
-        line = f"replication: {len(streams)} open stream(s), {len(behind)} user(s) behind"
+        known = "unknown (PostgreSQL unreachable)" if unshipped < 0 else str(unshipped)
+        line = (f"replication: {len(streams)} open stream(s), {len(behind)} of them behind, "
+                f"users with unshipped rows: {known}")
         if worst is not None:
             line += f", most behind {worst.user!r} by {worst.behind} row(s)"
         if streams:
             line += f", newest apply lag {max(s.last_apply_lag_ms for s in streams)} ms"
         return line
 
-    async def log_periodically(self) -> None:
-        """Logs `summary_line` every `log_every` seconds while streams are open, and once more
-        after the last one closed."""
-        was_open = False
+    async def log_periodically(self, unshipped_users: Callable[[], Awaitable[int]]) -> None:
+        """Logs `summary_line` every `log_every` seconds while streams are open or users have
+        unshipped rows, and once more when both became none."""
+        was_active = False
         while True:
             await asyncio.sleep(self._log_every)
-            if self._streams or was_open:
-                logger.info("%s", self.summary_line())
-            was_open = bool(self._streams)
+            unshipped = await unshipped_users()
+            active = bool(self._streams) or unshipped != 0
+            if active or was_active:
+                logger.info("%s", self.summary_line(unshipped))
+            was_active = active

@@ -9,6 +9,7 @@ because the sink is idempotent.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC
@@ -26,7 +27,9 @@ logger = logging.getLogger(__name__)
 
 
 class BatchSink(Protocol):
-    async def apply(self, user: str, changes: Sequence[Change]) -> int: ...
+    async def apply(self, user: str, changes: Sequence[Change], *, head_seq: int = 0) -> int: ...
+
+    async def unshipped_users(self) -> int: ...
 
 
 def changes_of(batch: replication_pb2.ChangeBatch) -> tuple[str, list[Change]]:
@@ -66,6 +69,17 @@ def _status_of(error: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+async def unshipped_users(sink: BatchSink, timeout: float = 1.0) -> int:  # noqa: ASYNC109
+    """The sink's count of users with unshipped rows, or -1 when PostgreSQL does not answer
+    within `timeout` seconds: a status report still answers, with what it knows, during an
+    outage."""
+    try:
+        return await asyncio.wait_for(sink.unshipped_users(), timeout)
+    except (EtlError, TimeoutError) as e:
+        logger.debug("could not count users with unshipped rows: %r", e)
+        return -1
+
+
 class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
     def __init__(self, sink: BatchSink, lag: StreamLag | None = None) -> None:
         self._sink = sink
@@ -77,7 +91,9 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
         context: grpc.aio.ServicerContext[
             replication_pb2.GetStatusRequest, replication_pb2.ReplicationStatus],
     ) -> replication_pb2.ReplicationStatus:
-        return self.lag.status()
+        reply = self.lag.status()
+        reply.users_unshipped = await unshipped_users(self._sink)
+        return reply
 
     async def Stream(
         self,
@@ -90,7 +106,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
             async for batch in request_iterator:
                 try:
                     user, changes = changes_of(batch)
-                    acked = await self._sink.apply(user, changes)
+                    acked = await self._sink.apply(user, changes, head_seq=batch.head_seq)
                 except (InvalidUserName, EtlError) as e:
                     code = _status_of(e)
                     logger.warning(

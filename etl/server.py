@@ -25,7 +25,7 @@ from conventions.config import ConfigError, Settings, from_env
 from etl.embedded import EmbeddedPostgres
 from etl.errors import DatabaseUnavailable
 from etl.lag import StreamLag
-from etl.replication import BatchSink, ReplicationServicer
+from etl.replication import BatchSink, ReplicationServicer, unshipped_users
 from etl.sink import Sink
 from etl.summary import SummaryServicer, SummarySource
 from upw.replication.v1 import replication_pb2, replication_pb2_grpc
@@ -126,7 +126,7 @@ async def serve(settings: Settings) -> None:
     address = f"unix:{socket}"
     lag = StreamLag()
     server, _ = create_server(address, sink, health_servicer=health_servicer, lag=lag)
-    lag_log = asyncio.create_task(lag.log_periodically())
+    lag_log = asyncio.create_task(lag.log_periodically(lambda: unshipped_users(sink)))
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -48,6 +48,11 @@ _SCHEMA = (
         updated_at timestamptz NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS accounts_creation_order ON accounts (created_at, user_name)",
+    # The newest seq the user's worker reported (ChangeBatch.head_seq): head_seq > last_seq
+    # means the worker holds rows PostgreSQL does not have yet. Added after version 1 shipped.
+    "ALTER TABLE accounts ADD COLUMN IF NOT EXISTS head_seq bigint NOT NULL DEFAULT 0",
+    """CREATE INDEX IF NOT EXISTS accounts_unshipped ON accounts (user_name)
+        WHERE head_seq > last_seq""",
     """CREATE TABLE IF NOT EXISTS ledger (
         user_name text NOT NULL,
         seq bigint NOT NULL,
@@ -70,16 +75,19 @@ FROM unnest(
 ON CONFLICT (user_name, seq) DO NOTHING
 """
 
-# Balance and last_seq move only forward; created_at only backward.
+# Balance, last_seq and head_seq move only forward; created_at only backward.
 _UPSERT_ACCOUNT = """
-INSERT INTO accounts AS a (user_name, balance, last_seq, created_at, updated_at)
-VALUES (%(user)s, %(balance)s, %(seq)s, %(created_at)s, now())
+INSERT INTO accounts AS a (user_name, balance, last_seq, head_seq, created_at, updated_at)
+VALUES (%(user)s, %(balance)s, %(seq)s, %(head_seq)s, %(created_at)s, now())
 ON CONFLICT (user_name) DO UPDATE SET
     balance = CASE WHEN excluded.last_seq > a.last_seq THEN excluded.balance ELSE a.balance END,
     updated_at = CASE WHEN excluded.last_seq > a.last_seq THEN now() ELSE a.updated_at END,
     last_seq = GREATEST(a.last_seq, excluded.last_seq),
+    head_seq = GREATEST(a.head_seq, excluded.head_seq),
     created_at = LEAST(a.created_at, excluded.created_at)
 """
+
+_UNSHIPPED_USERS = "SELECT count(*) FROM accounts WHERE head_seq > last_seq"
 
 # LIMIT NULL means no limit.
 _SUMMARY_FIRST = """
@@ -277,9 +285,10 @@ class Sink:
     async def close(self) -> None:
         await self._pool.close()
 
-    async def apply(self, user: str, changes: Sequence[Change]) -> int:
+    async def apply(self, user: str, changes: Sequence[Change], *, head_seq: int = 0) -> int:
         """Commits the rows of one user in one transaction and returns the highest seq of the
-        batch: every row of `user` up to that seq is then in PostgreSQL.
+        batch: every row of `user` up to that seq is then in PostgreSQL. `head_seq` is the
+        newest seq the worker reported (0 = not reported), kept for `unshipped_users`.
 
         `changes` must be non-empty and in ascending seq order (the caller validates).
         """
@@ -301,6 +310,7 @@ class Sink:
                         "user": user,
                         "balance": newest.balance,
                         "seq": newest.seq,
+                        "head_seq": max(head_seq, newest.seq),
                         "created_at": min(ch.at for ch in changes),
                     },
                 )
@@ -329,6 +339,16 @@ class Sink:
             del accounts[page_size:]
             return SummaryPage(accounts=accounts, next_page_token=_encode_token(accounts[-1]))
         return SummaryPage(accounts=accounts, next_page_token="")
+
+    async def unshipped_users(self) -> int:
+        """How many users' workers reported rows that PostgreSQL does not have yet (from the
+        last batch each sent; a worker that wrote while the ETL was unreachable reports its
+        rows when it reconnects, until then only the dispatcher's drain queue knows)."""
+        async with self._connection("counting users with unshipped rows") as conn:
+            cursor = await conn.execute(_UNSHIPPED_USERS)
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
 
     async def counts(self) -> tuple[int, int]:
         """(accounts, ledger rows): for operators and tests."""

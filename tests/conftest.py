@@ -19,6 +19,7 @@ from typing import Any
 
 import apsw
 import docker.errors
+import grpc
 import psycopg
 import pytest
 from docker.api import APIClient
@@ -28,6 +29,7 @@ from conventions.config import Settings
 from conventions.users import account_db
 from etl.embedded import EmbeddedPostgres
 from launcher.stack import Stack
+from upw.replication.v1 import replication_pb2, replication_pb2_grpc
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -170,6 +172,13 @@ class RunningStack:
         if self.settings.database_url:
             return self.settings.database_url
         return f"postgresql://postgres:@/postgres?host={self.data_dir / 'postgres'}"
+
+    def replication_status(self) -> replication_pb2.ReplicationStatus:
+        """The ETL's Replication.GetStatus answer."""
+        with grpc.insecure_channel(f"unix:{self.settings.etl_socket}") as channel:
+            reply: replication_pb2.ReplicationStatus = replication_pb2_grpc.ReplicationStub(
+                channel).GetStatus(replication_pb2.GetStatusRequest(), timeout=5)
+            return reply
 
     def pg_rows(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.database_url(), autocommit=True) as connection:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from conventions.config import to_env
 from conventions.users import InvalidUserName, unshipped_marker
 from dispatcher.drain import Drainer, DrainQueue
 from dispatcher.errors import WorkerUnavailable
@@ -274,16 +278,30 @@ def assert_catches_up_without_traffic(stack: RunningStack) -> float:
     return elapsed
 
 
+def upw_status(stack: RunningStack) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "launcher", "status"],
+                          env={**os.environ, **to_env(stack.settings)},
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
 def test_idle_stopped_workers_are_drained_once_the_etl_is_back(
     make_stack: Callable[..., RunningStack],
 ) -> None:
     stack = make_stack(idle_ttl=1.0)
     deposit_while_the_etl_is_down(stack)
-    for user in STACK_USERS:  # idle 1 s, then a 2 s flush that cannot succeed
+    for user in STACK_USERS:  # idle 1 s; the flush gives up at once, the ETL being down
         wait_for(functools.partial(no_worker, stack, user), timeout=15,
                  what=f"the worker of {user} to stop")
         assert unshipped_marker(stack.data_dir, user).exists()
+    status = upw_status(stack)
+    assert status.returncode == 2, status.stdout + status.stderr  # the ETL does not answer
+    assert f"{len(STACK_USERS)} user(s) with unshipped rows" in status.stdout
+    assert "the ETL at unix:" in status.stderr
     assert_catches_up_without_traffic(stack)
+    status = upw_status(stack)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "0 user(s) with unshipped rows" in status.stdout
+    assert "users whose last report names rows PostgreSQL lacks: 0" in status.stdout
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])

@@ -163,6 +163,19 @@ def test_older_batch_after_newer_keeps_newest_balance(conninfo: str) -> None:
     asyncio.run(scenario())
 
 
+def test_users_with_unshipped_rows_are_counted_from_the_reported_heads(conninfo: str) -> None:
+    async def scenario() -> None:
+        async with opened(conninfo) as sink:
+            await sink.apply("koduki", changes(1, 2), head_seq=5)  # rows 3-5 still on the worker
+            await sink.apply("nanoha", changes(1, 3), head_seq=3)
+            await sink.apply("misuzu", changes(1, 1))  # no head reported: the batch's own seq
+            assert await sink.unshipped_users() == 1
+            await sink.apply("koduki", changes(3, 5), head_seq=4)  # an older head never wins
+            assert await sink.unshipped_users() == 0
+
+    asyncio.run(scenario())
+
+
 def test_overlapping_batches_give_each_row_once(conninfo: str) -> None:
     async def scenario() -> None:
         async with opened(conninfo) as sink:

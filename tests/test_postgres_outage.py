@@ -48,6 +48,7 @@ def test_a_postgres_outage_loses_nothing(
     for user in USERS:  # the workers hold every row; the ETL acknowledged none of the new ones
         assert len(stack.sqlite_ledger(user)) == 7
         assert acked_seq(stack, user) == 2
+    assert stack.replication_status().users_unshipped == -1  # unknown, and said so
 
     postgres.start()
     for user in USERS:
@@ -55,3 +56,4 @@ def test_a_postgres_outage_loses_nothing(
         wait_for(lambda user=user, ledger=ledger: stack.pg_ledger(user) == ledger, timeout=30,
                  what=f"PostgreSQL to catch up with {user}")
     assert stack.http.get("/account_summary").text == "fate, 25\nnanoha, 25\nhayate, 25\n"
+    assert stack.replication_status().users_unshipped == 0

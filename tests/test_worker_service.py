@@ -391,6 +391,36 @@ def test_sigterm_without_an_etl_gives_up_after_the_flush_timeout(
     assert worker.acked_seq() == 0
 
 
+def test_a_flush_gives_up_at_once_while_the_stream_is_down(
+    tmp_path: Path, etl: EtlServer
+) -> None:
+    """A worker that stops while its ETL is unreachable does not spend its flush timeout
+    waiting: its rows are drained later, and the stop (and whoever waits for it) goes on."""
+    store = Store.open(tmp_path / "account.db", user=USER)
+    store.create()
+
+    async def flush_while_down() -> tuple[bool, float]:
+        shipper = Shipper(store, target=f"unix:{etl.socket}", backoff_initial=5.0)
+        shipper.start()
+        try:
+            for _ in range(500):
+                if shipper.stream_up is False:
+                    break
+                await asyncio.sleep(0.01)
+            started = asyncio.get_running_loop().time()
+            flushed = await shipper.flush(30)
+            return flushed, asyncio.get_running_loop().time() - started
+        finally:
+            await shipper.stop()
+
+    try:
+        flushed, waited = asyncio.run(flush_while_down())
+    finally:
+        store.close()
+    assert flushed is False
+    assert waited < 10, f"the flush waited {waited:.1f}s for a stream that is down"
+
+
 def test_a_stale_socket_file_is_replaced(
     run_dir: Path, start_worker: Callable[..., Worker]
 ) -> None:
@@ -424,6 +454,10 @@ def test_the_shipper_sends_bounded_consecutive_batches_and_flushes(
         try:
             absent = await shipper.flush(0.1)
             etl.start()
+            for _ in range(1000):  # a flush gives up while the stream is down
+                if shipper.stream_up:
+                    break
+                await asyncio.sleep(0.01)
             return absent, await shipper.flush(10)
         finally:
             await shipper.stop()

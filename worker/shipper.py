@@ -56,7 +56,13 @@ class Shipper:
         self._wake = asyncio.Event()
         self._acked = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._up: bool | None = None  # None until the first state is known, for logging
+        # None until the first state is known; False while the stream is down (logging, flush).
+        self._up: bool | None = None
+
+    @property
+    def stream_up(self) -> bool | None:
+        """Whether the stream is delivering acknowledgements; None before the first attempt."""
+        return self._up
 
     def wake(self) -> None:
         """Tells the shipper that new rows are committed. Never blocks."""
@@ -82,14 +88,16 @@ class Shipper:
     # an expected outcome at shutdown, not an error.
     async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109
         """Waits at most `timeout` seconds for the ETL to acknowledge every row committed so
-        far; returns whether it did. The background task must be running."""
+        far; returns whether it did. Gives up at once while the stream is known to be down
+        (the ETL or its PostgreSQL unreachable): waiting would only delay the stop, and what
+        is left is drained later. The background task must be running."""
         target = self._store.last_seq()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self.wake()
         while self._store.acked_seq() < target:
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or self._up is False:
                 return False
             self._acked.clear()
             if self._store.acked_seq() >= target:
@@ -102,6 +110,7 @@ class Shipper:
         if up == self._up:
             return
         self._up = up
+        self._acked.set()  # a flush waiting for acknowledgements learns the stream is down
         if up:
             logger.info("user %r: replication stream to %s is up", self._user, self._target)
         else:

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from upw.account.v1 import account_pb2 as upw_dot_account_dot_v1_dot_account__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$upw/replication/v1/replication.proto\x12\x12upw.replication.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cupw/account/v1/account.proto\"[\n\x0b\x43hangeBatch\x12\x0c\n\x04user\x18\x01 \x01(\t\x12,\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1b.upw.account.v1.LedgerEntry\x12\x10\n\x08head_seq\x18\x03 \x01(\x03\"&\n\x03\x41\x63k\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tacked_seq\x18\x02 \x01(\x03\"\x12\n\x10GetStatusRequest\"\x90\x01\n\x0cStreamStatus\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x10\n\x08head_seq\x18\x02 \x01(\x03\x12\x13\n\x0b\x61pplied_seq\x18\x03 \x01(\x03\x12\x19\n\x11last_apply_lag_ms\x18\x04 \x01(\x03\x12\x30\n\x0c\x63onnected_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\\\n\x11ReplicationStatus\x12\x31\n\x07streams\x18\x01 \x03(\x0b\x32 .upw.replication.v1.StreamStatus\x12\x14\n\x0cusers_behind\x18\x02 \x01(\x05\x32\xaf\x01\n\x0bReplication\x12\x46\n\x06Stream\x12\x1f.upw.replication.v1.ChangeBatch\x1a\x17.upw.replication.v1.Ack(\x01\x30\x01\x12X\n\tGetStatus\x12$.upw.replication.v1.GetStatusRequest\x1a%.upw.replication.v1.ReplicationStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$upw/replication/v1/replication.proto\x12\x12upw.replication.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cupw/account/v1/account.proto\"[\n\x0b\x43hangeBatch\x12\x0c\n\x04user\x18\x01 \x01(\t\x12,\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1b.upw.account.v1.LedgerEntry\x12\x10\n\x08head_seq\x18\x03 \x01(\x03\"&\n\x03\x41\x63k\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tacked_seq\x18\x02 \x01(\x03\"\x12\n\x10GetStatusRequest\"\x90\x01\n\x0cStreamStatus\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x10\n\x08head_seq\x18\x02 \x01(\x03\x12\x13\n\x0b\x61pplied_seq\x18\x03 \x01(\x03\x12\x19\n\x11last_apply_lag_ms\x18\x04 \x01(\x03\x12\x30\n\x0c\x63onnected_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"u\n\x11ReplicationStatus\x12\x31\n\x07streams\x18\x01 \x03(\x0b\x32 .upw.replication.v1.StreamStatus\x12\x14\n\x0cusers_behind\x18\x02 \x01(\x05\x12\x17\n\x0fusers_unshipped\x18\x03 \x01(\x05\x32\xaf\x01\n\x0bReplication\x12\x46\n\x06Stream\x12\x1f.upw.replication.v1.ChangeBatch\x1a\x17.upw.replication.v1.Ack(\x01\x30\x01\x12X\n\tGetStatus\x12$.upw.replication.v1.GetStatusRequest\x1a%.upw.replication.v1.ReplicationStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,7 +42,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMSTATUS']._serialized_start=277
   _globals['_STREAMSTATUS']._serialized_end=421
   _globals['_REPLICATIONSTATUS']._serialized_start=423
-  _globals['_REPLICATIONSTATUS']._serialized_end=515
-  _globals['_REPLICATION']._serialized_start=518
-  _globals['_REPLICATION']._serialized_end=693
+  _globals['_REPLICATIONSTATUS']._serialized_end=540
+  _globals['_REPLICATION']._serialized_start=543
+  _globals['_REPLICATION']._serialized_end=718
 # @@protoc_insertion_point(module_scope)

@@ -129,8 +129,15 @@ class ReplicationStatus(_message.Message):
 
     STREAMS_FIELD_NUMBER: _builtins.int
     USERS_BEHIND_FIELD_NUMBER: _builtins.int
+    USERS_UNSHIPPED_FIELD_NUMBER: _builtins.int
     users_behind: _builtins.int
     """Streams whose worker reported rows that PostgreSQL does not have yet."""
+    users_unshipped: _builtins.int
+    """Users, with an open stream or not, whose worker's last report (its newest batch) names
+    rows that PostgreSQL does not have yet; durable across ETL restarts. A worker that wrote
+    while the ETL was unreachable is counted once it reconnects; until then the dispatcher's
+    drain queue (`upw status`) knows it. -1 when PostgreSQL could not be asked.
+    """
     @_builtins.property
     def streams(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamStatus]: ...
     def __init__(
@@ -138,10 +145,11 @@ class ReplicationStatus(_message.Message):
         *,
         streams: _abc.Iterable[Global___StreamStatus] | None = ...,
         users_behind: _builtins.int = ...,
+        users_unshipped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["streams", b"streams", "users_behind", b"users_behind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["streams", b"streams", "users_behind", b"users_behind", "users_unshipped", b"users_unshipped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,8 +59,8 @@ class ReplicationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStatus(self, request, context):
-        """What the ETL knows of its open streams: how far each user's PostgreSQL rows are behind
-        that user's worker. For operators (grpcurl -unix); not routed through Envoy.
+        """What the ETL knows of its streams: how far each user's PostgreSQL rows are behind that
+        user's worker. For operators (grpcurl -unix, `upw status`); not routed through Envoy.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,8 +37,8 @@ class ReplicationStub:
     batch twice changes nothing, so a worker resends whatever was not acknowledged.
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_replication_pb2.GetStatusRequest, _replication_pb2.ReplicationStatus]
-    """What the ETL knows of its open streams: how far each user's PostgreSQL rows are behind
-    that user's worker. For operators (grpcurl -unix); not routed through Envoy.
+    """What the ETL knows of its streams: how far each user's PostgreSQL rows are behind that
+    user's worker. For operators (grpcurl -unix, `upw status`); not routed through Envoy.
     """
 
 @_typing.type_check_only
@@ -50,8 +50,8 @@ class ReplicationAsyncStub(ReplicationStub):
     batch twice changes nothing, so a worker resends whatever was not acknowledged.
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_replication_pb2.GetStatusRequest, _replication_pb2.ReplicationStatus]  # type: ignore[assignment]
-    """What the ETL knows of its open streams: how far each user's PostgreSQL rows are behind
-    that user's worker. For operators (grpcurl -unix); not routed through Envoy.
+    """What the ETL knows of its streams: how far each user's PostgreSQL rows are behind that
+    user's worker. For operators (grpcurl -unix, `upw status`); not routed through Envoy.
     """
 
 class ReplicationServicer(metaclass=_abc_1.ABCMeta):
@@ -72,8 +72,8 @@ class ReplicationServicer(metaclass=_abc_1.ABCMeta):
         request: _replication_pb2.GetStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_replication_pb2.ReplicationStatus, _abc.Awaitable[_replication_pb2.ReplicationStatus]]:
-        """What the ETL knows of its open streams: how far each user's PostgreSQL rows are behind
-        that user's worker. For operators (grpcurl -unix); not routed through Envoy.
+        """What the ETL knows of its streams: how far each user's PostgreSQL rows are behind that
+        user's worker. For operators (grpcurl -unix, `upw status`); not routed through Envoy.
         """
 
 def add_ReplicationServicer_to_server(servicer: ReplicationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
