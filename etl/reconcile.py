@@ -32,7 +32,6 @@ import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -48,7 +47,7 @@ from conventions.users import InvalidUserName, account_db, shard_of, validate_us
 from etl.embedded import EmbeddedPostgres
 from etl.errors import EtlError
 from etl.sink import Change, Sink
-from worker.store import Kind
+from worker.store import Entry, Kind, LedgerReader
 
 logger = logging.getLogger(__name__)
 
@@ -193,59 +192,19 @@ def walk(data_dir: Path) -> tuple[list[UserDb], list[Skipped]]:
 # -- the user's side -----------------------------------------------------------------------
 
 
-class UserLedger:
-    """One user database, opened read-only; every read is one short read transaction."""
+def _change(entry: Entry) -> Change:
+    return Change(seq=entry.seq, kind=int(entry.kind), amount=entry.amount,
+                  balance=entry.balance, at=_EPOCH + timedelta(microseconds=entry.at_us))
 
-    def __init__(self, path: Path) -> None:
-        flags = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_NOFOLLOW
-        self._db = apsw.Connection(str(path), flags=flags)
-        self._db.set_busy_timeout(5000)
 
-    def close(self) -> None:
-        self._db.close()
-
-    def _rows(self, sql: str, bindings: tuple[int, ...]) -> list[Change]:
-        changes = []
-        for seq, kind, amount, balance, at_us in self._db.execute(sql, bindings):
-            changes.append(Change(
-                seq=seq, kind=int(Kind[kind]), amount=amount, balance=balance,
-                at=_EPOCH + timedelta(microseconds=at_us)))
-        return changes
-
-    def page(self, *, after_seq: int, limit: int) -> list[Change]:
-        """At most `limit` rows with seq > `after_seq`, in seq order."""
-        return self._rows(
-            "SELECT seq, kind, amount, balance, at_us FROM ledger WHERE seq > ? "
-            "ORDER BY seq LIMIT ?",
-            (after_seq, limit),
-        )
-
-    def rows(self, seqs: Sequence[int]) -> list[Change]:
-        """The rows of the given seqs that exist, in seq order."""
-        found: list[Change] = []
-        for chunk in _chunks(sorted(seqs), 500):
-            marks = ",".join("?" * len(chunk))  # only "?" marks; the seqs are bound
-            found += self._rows(
-                "SELECT seq, kind, amount, balance, at_us FROM ledger "
-                f"WHERE seq IN ({marks}) ORDER BY seq",
-                tuple(chunk),
-            )
-        return found
+def _page(mine: LedgerReader, *, after_seq: int, limit: int) -> list[Change]:
+    return [_change(e) for e in mine.page(after_seq=after_seq, limit=limit)]
 
 
 def _chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
     # itertools.batched needs Python 3.12.
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-@contextmanager
-def _opened(path: Path) -> Iterator[UserLedger]:
-    ledger = UserLedger(path)
-    try:
-        yield ledger
-    finally:
-        ledger.close()
 
 
 # -- comparing -----------------------------------------------------------------------------
@@ -289,12 +248,12 @@ async def check_user(sink: Sink, db: UserDb, *, page_size: int = PAGE_SIZE) -> V
     user = db.user
     account = await sink.account_check(user)
     pg_high = 0
-    with _opened(db.path) as mine:
+    with LedgerReader(db.path) as mine:
         cursor = 0
         while True:
             # PostgreSQL first: whatever it holds was committed to the user's file before.
             pg = await sink.ledger_page(user, after_seq=cursor, limit=page_size)
-            rows = mine.page(after_seq=cursor, limit=page_size)
+            rows = _page(mine, after_seq=cursor, limit=page_size)
             if not pg and not rows:
                 break
             upto: float = float("inf")
@@ -399,11 +358,11 @@ async def repair_user(
     sink: Sink, db: UserDb, verdict: Verdict, *, page_size: int = PAGE_SIZE
 ) -> RepairStats:
     stats = RepairStats(users=1)
-    with _opened(db.path) as mine:
+    with LedgerReader(db.path) as mine:
         for lo, hi in verdict.missing:
             cursor = lo - 1
             while cursor < hi:
-                rows = mine.page(after_seq=cursor, limit=min(page_size, hi - cursor))
+                rows = _page(mine, after_seq=cursor, limit=min(page_size, hi - cursor))
                 if not rows:
                     break
                 await sink.apply(db.user, rows)
@@ -411,7 +370,8 @@ async def repair_user(
                 cursor = rows[-1].seq
         if verdict.state is not State.DIVERGED:
             return stats
-        chunks = [mine.rows(chunk) for chunk in _chunks(verdict.wrong, page_size)]
+        chunks = [[_change(e) for e in mine.rows(chunk)]
+                  for chunk in _chunks(verdict.wrong, page_size)]
     for rows in [*chunks, []]:
         last = not rows
         repaired = await sink.repair(db.user, rows, drop_seqs=verdict.extra if last else ())

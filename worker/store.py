@@ -35,7 +35,7 @@ import enum
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +118,48 @@ def _entry(row: tuple[object, ...]) -> Entry:
     assert isinstance(seq, int) and isinstance(kind, str)
     assert isinstance(amount, int) and isinstance(balance, int) and isinstance(at_us, int)
     return Entry(seq=seq, kind=Kind[kind], amount=amount, balance=balance, at_us=at_us)
+
+
+_ENTRIES_AFTER = (
+    "SELECT seq, kind, amount, balance, at_us FROM ledger WHERE seq > ? ORDER BY seq LIMIT ?"
+)
+
+
+class LedgerReader:
+    """A read-only view of one user's ledger for tools in other processes (reconcile): the
+    file is opened read-only and never created, migrated or written; a symlink in its place is
+    refused. Each call is one short read transaction, so a running worker is never blocked
+    (WAL mode). Use it as a context manager."""
+
+    def __init__(self, path: Path, *, busy_timeout_ms: int = 5000) -> None:
+        flags = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_NOFOLLOW
+        self._db = apsw.Connection(str(path), flags=flags)
+        self._db.set_busy_timeout(busy_timeout_ms)
+
+    def __enter__(self) -> LedgerReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def page(self, *, after_seq: int, limit: int) -> list[Entry]:
+        """At most `limit` rows with seq > `after_seq`, in seq order."""
+        return [_entry(row) for row in self._db.execute(_ENTRIES_AFTER, (after_seq, limit))]
+
+    def rows(self, seqs: Iterable[int]) -> list[Entry]:
+        """The rows of the given seqs that exist, in seq order."""
+        wanted = sorted(set(seqs))
+        found: list[Entry] = []
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            marks = ",".join("?" * len(chunk))  # only "?" marks; the seqs are bound
+            found += [_entry(row) for row in self._db.execute(
+                "SELECT seq, kind, amount, balance, at_us FROM ledger "
+                f"WHERE seq IN ({marks}) ORDER BY seq", tuple(chunk))]
+        return found
 
 
 class Store:
@@ -341,11 +383,7 @@ class Store:
 
     def entries(self, after_seq: int, limit: int) -> list[Entry]:
         """At most `limit` ledger rows with seq > `after_seq`, in seq order."""
-        rows = self._conn.execute(
-            "SELECT seq, kind, amount, balance, at_us FROM ledger WHERE seq > ? "
-            "ORDER BY seq LIMIT ?",
-            (after_seq, limit),
-        ).fetchall()
+        rows = self._conn.execute(_ENTRIES_AFTER, (after_seq, limit)).fetchall()
         return [_entry(row) for row in rows]
 
     def last_seq(self) -> int:
