@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import grpc
 from google.api import httpbody_pb2
 
+from conventions import answers
 from conventions.users import InvalidUserName, validate_user
 from dispatcher.errors import SummaryUnavailable, WorkerCapReached, WorkerUnavailable
 from dispatcher.pool import CALL_GRACE, WorkerPool
@@ -176,7 +177,7 @@ class TextGateway(gateway_pb2_grpc.TextGatewayServicer):
                 account_pb2.CreateAccountRequest(user=request.user), timeout=WORKER_CALL_TIMEOUT))
         except Exception as exc:
             await _abort(context, exc)
-        return _text(f"Hello, {request.user}. Welcome Unlimited Process Works!\n")
+        return _text(answers.welcome(request.user))
 
     async def Deposit(
         self, request: gateway_pb2.TextDepositRequest, context: Context
@@ -189,7 +190,7 @@ class TextGateway(gateway_pb2_grpc.TextGatewayServicer):
                 timeout=WORKER_CALL_TIMEOUT))
         except Exception as exc:
             await _abort(context, exc)
-        return _text(f"{request.user}'s account deposit {amount} yen.\n")
+        return _text(answers.deposited(request.user, amount))
 
     async def Show(
         self, request: gateway_pb2.UserRequest, context: Context
@@ -199,7 +200,7 @@ class TextGateway(gateway_pb2_grpc.TextGatewayServicer):
                 account_pb2.GetAccountRequest(user=request.user), timeout=WORKER_CALL_TIMEOUT))
         except Exception as exc:
             await _abort(context, exc)
-        return _text(f"{request.user}'s account is {account.balance} yen.\n")
+        return _text(answers.balance(request.user, account.balance))
 
     async def AccountSummary(
         self, request: gateway_pb2.AccountSummaryRequest, context: Context

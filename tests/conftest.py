@@ -4,6 +4,7 @@ processes, and Envoy, each in its own data dir with its own ports, so tests may 
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import itertools
 import json
@@ -27,6 +28,7 @@ from docker.utils import kwargs_from_env
 
 from conventions.config import Settings
 from conventions.users import account_db
+from etl import reconcile
 from etl.embedded import EmbeddedPostgres
 from launcher.stack import Stack
 from upw.replication.v1 import replication_pb2, replication_pb2_grpc
@@ -169,9 +171,7 @@ class RunningStack:
         return pids
 
     def database_url(self) -> str:
-        if self.settings.database_url:
-            return self.settings.database_url
-        return f"postgresql://postgres:@/postgres?host={self.data_dir / 'postgres'}"
+        return reconcile.database_url(self.settings)
 
     def replication_status(self) -> replication_pb2.ReplicationStatus:
         """The ETL's Replication.GetStatus answer."""
@@ -197,6 +197,17 @@ class RunningStack:
     def pg_ledger(self, user: str) -> list[tuple[int, int]]:
         return [(int(s), int(b)) for s, b in self.pg_rows(
             "SELECT seq, balance FROM ledger WHERE user_name = %s ORDER BY seq", user)]
+
+    def wait_for_postgres(self, user: str, timeout: float = 30.0) -> list[tuple[int, int]]:
+        """Waits until PostgreSQL holds exactly the user's SQLite ledger (read once, now);
+        returns that ledger."""
+        ledger = self.sqlite_ledger(user)
+        wait_for(functools.partial(self._pg_holds, user, ledger), timeout=timeout,
+                 what=f"PostgreSQL to hold the ledger of {user} ({len(ledger)} rows)")
+        return ledger
+
+    def _pg_holds(self, user: str, ledger: list[tuple[int, int]]) -> bool:
+        return self.pg_ledger(user) == ledger
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import RunningStack, wait_for
+from tests.conftest import RunningStack
 
 
 @pytest.mark.parametrize("runtime", ["process", "docker"])
@@ -32,10 +32,8 @@ def test_fifty_concurrent_deposits_share_one_worker(
     if runtime == "docker":
         assert len(stack.containers(user)) == 1
 
-    ledger = stack.sqlite_ledger(user)
+    ledger = stack.wait_for_postgres(user)
     assert [seq for seq, _ in ledger] == list(range(1, 52))
-    wait_for(lambda: stack.pg_ledger(user) == ledger, timeout=20,
-             what="PostgreSQL to hold the same ledger")
     assert stack.pg_rows("SELECT balance FROM accounts WHERE user_name = %s", user) == [(1275,)]
 
 

@@ -246,10 +246,6 @@ def deposit_while_the_etl_is_down(stack: RunningStack) -> None:
             assert response.status == 200, response.text
 
 
-def caught_up(stack: RunningStack, user: str, ledger: list[tuple[int, int]]) -> bool:
-    return stack.pg_ledger(user) == ledger
-
-
 def logged(stack: RunningStack, line: str) -> bool:
     return line in stack.dispatcher_log()
 
@@ -263,11 +259,8 @@ def assert_catches_up_without_traffic(stack: RunningStack) -> float:
     stack.stack.etl.start()
     begun = time.monotonic()
     for user in STACK_USERS:
-        ledger = stack.sqlite_ledger(user)
-        assert len(ledger) == 3
         remaining = CATCH_UP_BOUND - (time.monotonic() - begun)
-        wait_for(functools.partial(caught_up, stack, user, ledger),
-                 timeout=max(remaining, 0.1), what=f"PostgreSQL to catch up on {user}")
+        assert len(stack.wait_for_postgres(user, timeout=max(remaining, 0.1))) == 3
     elapsed = time.monotonic() - begun
     print(f"PostgreSQL caught up on {len(STACK_USERS)} users in {elapsed:.1f}s")
     for user in STACK_USERS:

@@ -51,8 +51,7 @@ def test_deposits_survive_an_etl_outage(stack: RunningStack) -> None:
         deposits = [amount for u, amount in acknowledged if u == user]
         assert ledger[-1][1] == sum(deposits)
         assert len(ledger) == 1 + len(deposits)
-        wait_for(lambda user=user, ledger=ledger: stack.pg_ledger(user) == ledger, timeout=30,
-                 what=f"PostgreSQL to hold the ledger of {user}")
+        stack.wait_for_postgres(user)
         assert stack.pg_rows("SELECT balance FROM accounts WHERE user_name = %s", user) == [
             (ledger[-1][1],)]
     total = len(USERS) + len(acknowledged)

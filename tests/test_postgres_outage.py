@@ -20,7 +20,8 @@ def acked_seq(stack: RunningStack, user: str) -> int:
                                  flags=apsw.SQLITE_OPEN_READONLY)
     try:
         [(seq,)] = connection.execute("SELECT acked_seq FROM replication").fetchall()
-        return int(seq)
+        assert isinstance(seq, int)
+        return seq
     finally:
         connection.close()
 
@@ -52,8 +53,6 @@ def test_a_postgres_outage_loses_nothing(
 
     postgres.start()
     for user in USERS:
-        ledger = stack.sqlite_ledger(user)
-        wait_for(lambda user=user, ledger=ledger: stack.pg_ledger(user) == ledger, timeout=30,
-                 what=f"PostgreSQL to catch up with {user}")
+        stack.wait_for_postgres(user)
     assert stack.http.get("/account_summary").text == "fate, 25\nnanoha, 25\nhayate, 25\n"
     assert stack.replication_status().users_unshipped == 0

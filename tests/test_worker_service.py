@@ -79,6 +79,11 @@ class FakeEtl(replication_pb2_grpc.ReplicationServicer):
                 self.batches.append(batch)
             yield replication_pb2.Ack(user=batch.user, acked_seq=batch.entries[-1].seq)
 
+    def GetStatus(
+        self, request: replication_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> replication_pb2.ReplicationStatus:
+        return replication_pb2.ReplicationStatus()  # the worker never asks
+
     def seqs(self) -> list[int]:
         with self._lock:
             return [entry.seq for batch in self.batches for entry in batch.entries]

@@ -1,0 +1,17 @@
+"""The original plain-text answers, byte for byte (DESIGN.md: "The original plain-text routes").
+The dispatcher's TextGateway and the one-shot worker of the benchmark baseline both answer with
+these, so the two can never drift apart."""
+
+from __future__ import annotations
+
+
+def welcome(user: str) -> str:
+    return f"Hello, {user}. Welcome Unlimited Process Works!\n"
+
+
+def deposited(user: str, amount: int) -> str:
+    return f"{user}'s account deposit {amount} yen.\n"
+
+
+def balance(user: str, amount: int) -> str:
+    return f"{user}'s account is {amount} yen.\n"
