@@ -153,6 +153,7 @@ def test_pending_and_watermark(account: Store) -> None:
     assert account.acked_seq() == 2
     assert account.acknowledge(99) == 5, "the watermark never passes the newest row"
     assert account.pending(0, 100) == []
+    assert account.pragma("synchronous") == 2, "deposits stay FULL after an acknowledgement"
 
 
 def test_reopening_keeps_data_and_watermark(db: Path) -> None:
