@@ -4,13 +4,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install worker-image gen check lint typecheck clean
+.PHONY: run test install worker-image gen check lint typecheck clean bench
 
 run: $(STAMP)
 	$(PY) -m launcher run
 
 test: $(STAMP) worker-image
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Benchmarks (not tests: nothing is asserted): `make bench` runs the quick profile,
+# `make bench PROFILE=full` the full one, BENCH_ARGS='--only warm' a part. The report goes to
+# results/<UTC time>/ and results/latest/. wrk comes from Debian's packages (we run as root).
+PROFILE ?= quick
+bench: $(STAMP) worker-image
+	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk || \
+		{ apt-get update && apt-get install -y wrk; }
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m bench --profile $(PROFILE) $(BENCH_ARGS)
 
 # The docker tests need the worker image; without an engine they skip (or fail under
 # UPW_REQUIRE_DOCKER=1, as in CI).

@@ -191,6 +191,7 @@ class WorkerPool:
         running: RunningWorker | None = None
         try:
             running = await self.runtime.start(slot.user)
+            launched = loop.time()
             worker = await self._wait_ready(running)
         except BaseException as exc:
             if running is not None:
@@ -203,8 +204,15 @@ class WorkerPool:
             slot.started.exception()  # retrieved: waiters get it; nobody else needs to
             self._forget(slot)
             return
-        log.info("worker of %r ready (%s, %s runtime) in %.0f ms", slot.user,
-                 running.describe(), self.runtime.name, (loop.time() - begun) * 1000)
+        # Where the activation's time went: waiting for the runtime (a thread for the Docker
+        # SDK), the runtime's own steps, then until the worker's health check said SERVING.
+        ready = loop.time()
+        steps = dict(running.phases)
+        queued = max(launched - begun - sum(steps.values()), 0.0)
+        steps = {"queued": queued, **steps, "until serving": ready - launched}
+        log.info("worker of %r ready (%s, %s runtime) in %.0f ms (%s)", slot.user,
+                 running.describe(), self.runtime.name, (ready - begun) * 1000,
+                 ", ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in steps.items()))
         slot.started.set_result(worker)
         self._idle_if_unused(slot)  # every request that waited for it may have been cancelled
 

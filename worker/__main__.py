@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except users.InvalidUserName as exc:
         logger.error("%s", exc)
         return EXIT_USAGE
+    # The time of this line, against the runtime's launch, is the interpreter's start-up cost.
+    logger.info("user %r: worker process %d running main()", user, os.getpid())
     data_dir = args.data_dir.absolute()
     db_path = users.account_db(data_dir, user)
     options = Options(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +16,12 @@ class RunningWorker(Protocol):
     @property
     def socket(self) -> Path:
         """The unix socket on which the worker serves AccountService (a path on this host)."""
+        ...
+
+    @property
+    def phases(self) -> Mapping[str, float]:
+        """Seconds each step of the launch took, in order (e.g. a container's `create` and
+        `start`, a process's `spawn`); the pool reports them when the worker is ready."""
         ...
 
     def describe(self) -> str:

@@ -106,6 +106,8 @@ class DockerWorker:
     host_dir: Path
     link: Path
     stopping: bool = False
+    # Seconds of `create` (including the directory's preparation) and `start`.
+    phases: dict[str, float] = field(default_factory=dict)
     # Set once, by the events thread, when the container has ended.
     ended: str | None = field(default=None, repr=False)
 
@@ -285,9 +287,7 @@ class DockerRuntime:
         except BaseException:
             self._remove(worker)
             raise
-        started = time.monotonic()
-        log.info("container %s of %r started (create %.0f ms, start %.0f ms)",
-                 container_id[:12], user, (created - begun) * 1000, (started - created) * 1000)
+        worker.phases.update(create=created - begun, start=time.monotonic() - created)
         return worker
 
     def _host_config(self, host_dir: Path, inner_dir: PurePosixPath, etl_dir: Path) -> Any:

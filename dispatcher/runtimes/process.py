@@ -14,7 +14,8 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from conventions.users import validate_user
@@ -29,6 +30,7 @@ class ProcessWorker:
     user: str
     socket: Path
     process: asyncio.subprocess.Process
+    phases: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
         return f"pid {self.process.pid}"
@@ -85,6 +87,7 @@ class ProcessRuntime:
             "--log-level",
             self._log_level,
         ]
+        begun = time.monotonic()
         try:
             # A session of its own: a Ctrl-C meant for the dispatcher must not reach workers
             # before the dispatcher has stopped them in order.
@@ -93,8 +96,10 @@ class ProcessRuntime:
             raise WorkerUnavailable(
                 f"could not start the worker process of {user!r}: {exc}"
             ) from exc
+        spawned = time.monotonic()
         self._pid_file(user).write_text(f"{process.pid}\n")
-        return ProcessWorker(user=user, socket=socket, process=process)
+        return ProcessWorker(user=user, socket=socket, process=process,
+                             phases={"spawn": spawned - begun})
 
     async def stop(self, worker: RunningWorker) -> None:
         assert isinstance(worker, ProcessWorker), worker

@@ -1,0 +1,51 @@
+"""What a scenario measures, in a form the report can render.
+
+Each scenario module (`bench/<scenario>.py`) exposes `run(profile: Profile) -> Section`.
+Latencies are in milliseconds; a distribution is a list of (percentile 0-100, milliseconds)
+points, as wrk's `latency:percentile()` or `statistics.quantiles` produce them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How long to measure. `quick` takes a couple of minutes in all; `full` much longer."""
+
+    name: Literal["quick", "full"]
+    # Seconds of load per throughput case (warm, one worker per request, docker run).
+    duration: float
+    # Count-based cases: cold activations, footprint of N user databases, summary accounts.
+    cold_activations: int
+    databases: int
+    summary_accounts: int
+
+
+QUICK = Profile("quick", duration=8.0, cold_activations=30, databases=10_000,
+                summary_accounts=100_000)
+FULL = Profile("full", duration=30.0, cold_activations=200, databases=100_000,
+               summary_accounts=100_000)
+
+
+@dataclass
+class Distribution:
+    label: str
+    points: list[tuple[float, float]]  # (percentile, ms), ascending percentile
+
+
+@dataclass
+class Section:
+    """One scenario's results: a table (header + rows of already formatted cells), latency
+    distributions to plot, and notes (what was measured, how, and what bounds it)."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    distributions: list[Distribution] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    # Raw numbers by name (e.g. "docker 16 clients requests/s"), for ratios across sections
+    # (`bench/__main__.py`) and for results.json; not rendered as they are.
+    metrics: dict[str, float] = field(default_factory=dict)
