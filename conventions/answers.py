@@ -15,3 +15,9 @@ def deposited(user: str, amount: int) -> str:
 
 def balance(user: str, amount: int) -> str:
     return f"{user}'s account is {amount} yen.\n"
+
+
+def summary_line(user: str, balance: int) -> str:
+    """One line of `GET /account_summary`. PostgreSQL builds the whole body with the same
+    format (`etl.sink._SUMMARY_TEXT`); a test holds the two together."""
+    return f"{user}, {balance}\n"

@@ -209,12 +209,12 @@ class TextGateway(gateway_pb2_grpc.TextGatewayServicer):
             summary = await self._fetch_summary()
         except Exception as exc:
             await _abort(context, exc)
-        return _text("".join(f"{a.user}, {a.balance}\n" for a in summary.accounts))
+        return _text(summary.text)
 
-    async def _fetch_summary(self) -> summary_pb2.GetSummaryResponse:
+    async def _fetch_summary(self) -> summary_pb2.SummaryText:
         try:
-            response: summary_pb2.GetSummaryResponse = await self._summary.GetSummary(
-                summary_pb2.GetSummaryRequest(), timeout=SUMMARY_TIMEOUT)
+            response: summary_pb2.SummaryText = await self._summary.GetSummaryText(
+                summary_pb2.GetSummaryTextRequest(), timeout=SUMMARY_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
             raise SummaryUnavailable(
                 f"the account summary is unavailable: {exc.details() or exc.code().name}") from exc

@@ -166,6 +166,12 @@ class FakeSummary(summary_pb2_grpc.SummaryServiceServicer):
             ]
         )
 
+    async def GetSummaryText(
+        self, request: summary_pb2.GetSummaryTextRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> summary_pb2.SummaryText:
+        raise AssertionError("Envoy routes no path to GetSummaryText")
+
 
 class FakeUpstream:
     """The dispatcher's and the ETL's gRPC services, with canned answers, in a thread."""

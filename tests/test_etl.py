@@ -22,6 +22,7 @@ import psycopg
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from conventions import answers
 from etl.embedded import EmbeddedPostgres
 from etl.errors import DatabaseUnavailable, InvalidPage
 from etl.server import SERVICE_NAMES, create_server, set_serving
@@ -132,6 +133,21 @@ def test_summary_is_in_creation_order(conninfo: str) -> None:
             ]
             assert page.accounts[0].created_at == T0 + timedelta(seconds=1)
             assert page.next_page_token == ""
+
+    asyncio.run(scenario())
+
+
+def test_the_summary_text_is_the_summary_in_the_original_words(conninfo: str) -> None:
+    async def scenario() -> None:
+        async with opened(conninfo) as sink:
+            assert await sink.summary_text() == ""
+            await sink.apply("zed", changes(1, 3, at=T0))
+            await sink.apply("amy", changes(1, 2, at=T0 + timedelta(hours=1)))
+            await sink.apply("bob-2", changes(1, 1, at=T0 + timedelta(hours=1)))
+            page = await sink.summary()
+            expected = "".join(answers.summary_line(a.user, a.balance) for a in page.accounts)
+            assert await sink.summary_text() == expected
+            assert expected.count("\n") == 3
 
     asyncio.run(scenario())
 

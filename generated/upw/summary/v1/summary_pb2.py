@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cupw/summary/v1/summary.proto\x12\x0eupw.summary.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\":\n\x11GetSummaryRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"q\n\x0e\x41\x63\x63ountBalance\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12\x10\n\x08last_seq\x18\x03 \x01(\x03\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x12GetSummaryResponse\x12\x30\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x1e.upw.summary.v1.AccountBalance\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2z\n\x0eSummaryService\x12h\n\nGetSummary\x12!.upw.summary.v1.GetSummaryRequest\x1a\".upw.summary.v1.GetSummaryResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/summaryb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cupw/summary/v1/summary.proto\x12\x0eupw.summary.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x15GetSummaryTextRequest\"\x1b\n\x0bSummaryText\x12\x0c\n\x04text\x18\x01 \x01(\t\":\n\x11GetSummaryRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"q\n\x0e\x41\x63\x63ountBalance\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12\x10\n\x08last_seq\x18\x03 \x01(\x03\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x12GetSummaryResponse\x12\x30\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x1e.upw.summary.v1.AccountBalance\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xd0\x01\n\x0eSummaryService\x12h\n\nGetSummary\x12!.upw.summary.v1.GetSummaryRequest\x1a\".upw.summary.v1.GetSummaryResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/summary\x12T\n\x0eGetSummaryText\x12%.upw.summary.v1.GetSummaryTextRequest\x1a\x1b.upw.summary.v1.SummaryTextb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,12 +35,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUMMARYSERVICE'].methods_by_name['GetSummary']._loaded_options = None
   _globals['_SUMMARYSERVICE'].methods_by_name['GetSummary']._serialized_options = b'\202\323\344\223\002\r\022\013/v1/summary'
-  _globals['_GETSUMMARYREQUEST']._serialized_start=111
-  _globals['_GETSUMMARYREQUEST']._serialized_end=169
-  _globals['_ACCOUNTBALANCE']._serialized_start=171
-  _globals['_ACCOUNTBALANCE']._serialized_end=284
-  _globals['_GETSUMMARYRESPONSE']._serialized_start=286
-  _globals['_GETSUMMARYRESPONSE']._serialized_end=381
-  _globals['_SUMMARYSERVICE']._serialized_start=383
-  _globals['_SUMMARYSERVICE']._serialized_end=505
+  _globals['_GETSUMMARYTEXTREQUEST']._serialized_start=111
+  _globals['_GETSUMMARYTEXTREQUEST']._serialized_end=134
+  _globals['_SUMMARYTEXT']._serialized_start=136
+  _globals['_SUMMARYTEXT']._serialized_end=163
+  _globals['_GETSUMMARYREQUEST']._serialized_start=165
+  _globals['_GETSUMMARYREQUEST']._serialized_end=223
+  _globals['_ACCOUNTBALANCE']._serialized_start=225
+  _globals['_ACCOUNTBALANCE']._serialized_end=338
+  _globals['_GETSUMMARYRESPONSE']._serialized_start=340
+  _globals['_GETSUMMARYRESPONSE']._serialized_end=435
+  _globals['_SUMMARYSERVICE']._serialized_start=438
+  _globals['_SUMMARYSERVICE']._serialized_end=646
 # @@protoc_insertion_point(module_scope)

@@ -33,12 +33,24 @@ class SummaryServiceStub:
     def __new__(cls, channel: _aio.Channel) -> SummaryServiceAsyncStub: ...
     GetSummary: _grpc.UnaryUnaryMultiCallable[_summary_pb2.GetSummaryRequest, _summary_pb2.GetSummaryResponse]
     """Every account in creation order, in pages."""
+    GetSummaryText: _grpc.UnaryUnaryMultiCallable[_summary_pb2.GetSummaryTextRequest, _summary_pb2.SummaryText]
+    """The original plain-text summary: one "name, balance" line per account, in the order of
+    GetSummary, built by PostgreSQL in one query. The dispatcher's TextGateway answers
+    `GET /account_summary` with it; over 100,000 accounts, converting rows to messages and back
+    cost ten times the query.
+    """
 
 @_typing.type_check_only
 class SummaryServiceAsyncStub(SummaryServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetSummary: _aio.UnaryUnaryMultiCallable[_summary_pb2.GetSummaryRequest, _summary_pb2.GetSummaryResponse]  # type: ignore[assignment]
     """Every account in creation order, in pages."""
+    GetSummaryText: _aio.UnaryUnaryMultiCallable[_summary_pb2.GetSummaryTextRequest, _summary_pb2.SummaryText]  # type: ignore[assignment]
+    """The original plain-text summary: one "name, balance" line per account, in the order of
+    GetSummary, built by PostgreSQL in one query. The dispatcher's TextGateway answers
+    `GET /account_summary` with it; over 100,000 accounts, converting rows to messages and back
+    cost ten times the query.
+    """
 
 class SummaryServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -48,5 +60,17 @@ class SummaryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_summary_pb2.GetSummaryResponse, _abc.Awaitable[_summary_pb2.GetSummaryResponse]]:
         """Every account in creation order, in pages."""
+
+    @_abc_1.abstractmethod
+    def GetSummaryText(
+        self,
+        request: _summary_pb2.GetSummaryTextRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_summary_pb2.SummaryText, _abc.Awaitable[_summary_pb2.SummaryText]]:
+        """The original plain-text summary: one "name, balance" line per account, in the order of
+        GetSummary, built by PostgreSQL in one query. The dispatcher's TextGateway answers
+        `GET /account_summary` with it; over 100,000 accounts, converting rows to messages and back
+        cost ten times the query.
+        """
 
 def add_SummaryServiceServicer_to_server(servicer: SummaryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
