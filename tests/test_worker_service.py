@@ -454,7 +454,8 @@ def test_the_shipper_sends_bounded_consecutive_batches_and_flushes(
         store.deposit(amount)
 
     async def ship() -> tuple[bool, bool]:
-        shipper = Shipper(store, target=f"unix:{etl.socket}", batch_rows=4, window=2)
+        shipper = Shipper(store, target=f"unix:{etl.socket}", batch_rows=4, window=2,
+                          unmark_after=0.05)
         shipper.start()
         try:
             absent = await shipper.flush(0.1)
@@ -463,7 +464,13 @@ def test_the_shipper_sends_bounded_consecutive_batches_and_flushes(
                 if shipper.stream_up:
                     break
                 await asyncio.sleep(0.01)
-            return absent, await shipper.flush(10)
+            present = await shipper.flush(10)
+            assert store.marker.exists()  # caught up, but the marker waits for a quiet stream
+            for _ in range(1000):
+                if not store.marker.exists():
+                    break
+                await asyncio.sleep(0.01)
+            return absent, present
         finally:
             await shipper.stop()
 
@@ -471,6 +478,7 @@ def test_the_shipper_sends_bounded_consecutive_batches_and_flushes(
         absent, present = asyncio.run(ship())
         assert (absent, present) == (False, True)
         assert store.acked_seq() == 25
+        assert not store.marker.exists(), "a caught-up, quiet stream removes the marker"
     finally:
         store.close()
     batches = [[e.seq for e in batch.entries] for batch in etl.servicer.batches]

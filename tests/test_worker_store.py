@@ -211,7 +211,7 @@ def test_public_names_are_documented() -> None:
             assert member.__doc__, f"Store.{name} has no docstring"
 
 
-def test_the_unshipped_marker_follows_the_watermark(db: Path) -> None:
+def test_the_unshipped_marker_covers_every_unacknowledged_row(db: Path) -> None:
     marker = db.parent / "unshipped"
     store = Store.open(db, user="koduki")
     try:
@@ -219,14 +219,18 @@ def test_the_unshipped_marker_follows_the_watermark(db: Path) -> None:
         store.create()
         assert marker.exists()  # the OPEN row is not acknowledged yet
         store.acknowledge(1)
-        assert not marker.exists()
+        assert marker.exists() and store.marked  # removed by sync_marker, not by an ack
+        assert store.sync_marker() is False
+        assert not marker.exists() and not store.marked
         store.deposit(5)
         store.deposit(6)
         store.acknowledge(2)
+        assert store.sync_marker() is True
         assert marker.exists()  # seq 3 is still to ship
         with pytest.raises(errors.InsufficientFunds):
             store.withdraw(100)
         store.acknowledge(3)
+        assert store.sync_marker() is False
         assert not marker.exists()
         store.deposit(7)
     finally:
@@ -237,6 +241,7 @@ def test_the_unshipped_marker_follows_the_watermark(db: Path) -> None:
     try:
         assert marker.exists() and store.marker == marker
         reopened.acknowledge(4)
+        reopened.sync_marker()
         assert not marker.exists()
     finally:
         reopened.close()

@@ -44,6 +44,7 @@ class Shipper:
         window: int = 4,
         backoff_initial: float = 0.05,
         backoff_max: float = 2.0,
+        unmark_after: float = 1.0,
     ) -> None:
         self._store = store
         self._user = store.user
@@ -53,6 +54,7 @@ class Shipper:
         self._window = window
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
+        self._unmark_after = unmark_after
         self._wake = asyncio.Event()
         self._acked = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -190,11 +192,17 @@ class Shipper:
                     await call.write(batch)
                     sent = batch.entries[-1].seq
                     in_flight.append(sent)
+                # Caught up: once the stream has been quiet for `unmark_after` seconds, the
+                # unshipped marker goes (not at every ack: see worker.store).
+                quiet = self._unmark_after if not in_flight and self._store.marked else None
                 waker = asyncio.ensure_future(self._wake.wait())
                 try:
-                    await asyncio.wait({waker, reader}, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        {waker, reader}, timeout=quiet, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     waker.cancel()
+                if not done:
+                    self._store.sync_marker()
                 if reader.done():
                     reader.result()  # raises the stream's error
                     return progressed

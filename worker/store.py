@@ -23,9 +23,12 @@ it exists whenever the ledger may hold rows above the watermark, so a worker tha
 killed with changes not yet acknowledged leaves it behind, and the dispatcher drains that user
 (`dispatcher/drain.py`). The rule that keeps it true: the marker is created (and its directory
 fsynced) inside the write transaction, before the row it covers is inserted, so no committed
-row is ever unmarked, not even after a SIGKILL or a power loss; it is removed as soon as the
-watermark reaches the newest row. A marker without unshipped rows (a failed write, a crash
-between the ack and the removal) only costs one needless drain, and `Store.open` removes it.
+row is ever unmarked, not even after a SIGKILL or a power loss. It is removed by
+`sync_marker()` once the watermark has reached the newest row: the shipper calls it when its
+stream has been caught up and quiet for a moment, the worker when it stops, `Store.open` when it
+opens. Not at every acknowledgement: with many busy users, creating the marker again for the
+next deposit (a directory fsync) cost more than the deposit's own commit. A marker without
+unshipped rows (a failed write, a worker killed while caught up) only costs one needless drain.
 """
 
 from __future__ import annotations
@@ -213,6 +216,11 @@ class Store:
     @property
     def has_database(self) -> bool:
         return self._db is not None
+
+    @property
+    def marked(self) -> bool:
+        """Whether this store has the unshipped marker in place (as far as it knows)."""
+        return self._marked is True
 
     def sync_marker(self) -> bool:
         """Makes the unshipped marker match the database: present when rows are above the
@@ -408,8 +416,8 @@ class Store:
     def acknowledge(self, seq: int) -> int:
         """Raises the watermark to `seq` and returns the new watermark. It never moves
         backwards, and never beyond the newest row (an acknowledgement of rows this
-        database does not have cannot be true, so it is capped). Removes the unshipped marker
-        once the watermark reaches the newest row.
+        database does not have cannot be true, so it is capped). Leaves the unshipped marker
+        to `sync_marker`.
 
         The watermark is committed without its own fsync (synchronous=NORMAL for this one
         transaction; the next deposit's fsync of the WAL covers it): a watermark lost to a
@@ -425,9 +433,6 @@ class Store:
                     (seq,),
                 )
                 acked = self.acked_seq()
-                caught_up = acked >= self.last_seq()
         finally:
             self._conn.execute("PRAGMA synchronous = FULL")
-        if caught_up:
-            self._unmark()
         return acked
