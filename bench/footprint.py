@@ -39,6 +39,7 @@ from bench.etl_rate import database_url
 from bench.model import Distribution, Profile, Section
 from bench.stackrun import BenchStack, bench_stack, docker_available
 from conventions.users import account_db, user_dir
+from dispatcher.runtimes.process import worker_processes
 from upw.summary.v1 import summary_pb2, summary_pb2_grpc
 
 log = logging.getLogger("bench.footprint")
@@ -82,19 +83,7 @@ def smaps(pid: int) -> dict[str, int]:
 
 def worker_pids(stack: BenchStack, user: str) -> list[int]:
     """Live worker processes of `user` of this stack (by their command line)."""
-    wanted = [b"worker", b"--user", user.encode(), str(stack.settings.data_dir).encode()]
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and all(w in argv for w in wanted):
-            found.append(int(entry.name))
-    return found
+    return worker_processes(stack.data_dir, user)
 
 
 def disk(directory: Path) -> tuple[int, int, dict[str, int]]:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from conventions.config import Settings
 from conventions.users import account_db, user_dir
+from dispatcher.runtimes.process import worker_processes
 from launcher.stack import Stack
 from worker.store import Store
 
@@ -63,19 +64,7 @@ class BenchStack:
         """Worker processes (process runtime) or running containers (docker) of this stack."""
         if self.settings.runtime == "docker":
             return len(_containers(self.data_dir, running_only=True))
-        wanted = [b"worker", str(self.data_dir).encode()]
-        count = 0
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if state != "Z" and all(w in argv for w in wanted):
-                count += 1
-        return count
+        return len(worker_processes(self.data_dir))
 
     def wait_idle(self, timeout: float = 60.0) -> float:
         """Waits until no worker of this stack runs (requests a load generator dropped may

@@ -28,6 +28,7 @@ from docker.utils import kwargs_from_env
 
 from conventions.config import Settings
 from conventions.users import account_db
+from dispatcher.runtimes.process import worker_processes
 from etl import reconcile
 from etl.embedded import EmbeddedPostgres
 from launcher.stack import Stack
@@ -156,19 +157,7 @@ class RunningStack:
 
     def worker_pids(self, user: str) -> list[int]:
         """Live worker processes of `user` under this stack's data dir, read from /proc."""
-        wanted = [b"worker", b"--user", user.encode(), str(self.data_dir).encode()]
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if state != "Z" and all(w in argv for w in wanted):
-                pids.append(int(entry.name))
-        return pids
+        return worker_processes(self.data_dir, user)
 
     def database_url(self) -> str:
         return reconcile.database_url(self.settings)

@@ -146,6 +146,26 @@ class ProcessRuntime:
         return len(leftovers)
 
 
+def worker_processes(data_dir: Path, user: str | None = None) -> list[int]:
+    """The live (not zombie) worker processes started for `data_dir`, or for one `user` of it,
+    found by their command line in /proc. For tools and tests; the runtime trusts its pid
+    files and checks each with `_is_worker`."""
+    wanted = [b"worker", str(data_dir).encode()]
+    if user is not None:
+        wanted += [b"--user", user.encode()]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(w in argv for w in wanted) and not _is_zombie(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
 def _is_worker(pid: int, socket: Path) -> bool:
     """True when `pid` is a worker process serving on `socket`."""
     try:
