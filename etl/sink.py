@@ -6,19 +6,22 @@ the batch is durable in PostgreSQL. `accounts.balance` always equals the balance
 ledger row with the highest seq. `repair` is the one exception to "rows are never
 overwritten": reconcile calls it with rows read from the user's own database, the source of truth.
 
-Concurrency: any number of batches may be applied at once, each on its own pooled connection.
-Two transactions touching one user insert ledger rows in ascending seq order and upsert the
-account row last, so they cannot deadlock; the `last_seq` guard makes their order irrelevant.
+Concurrency: any number of `apply` calls may wait at once; one task commits them in groups,
+one transaction at a time (group commit). `repair` runs on a pooled connection of its own. Every
+transaction inserts ledger rows in (user, seq) order and upserts account rows last, in user
+order, so two cannot deadlock; the `last_seq` guard makes their order irrelevant.
 
 psycopg and psycopg_pool exceptions are translated here, and only here, into `etl.errors`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,6 +37,8 @@ from etl.errors import DatabaseUnavailable, InvalidPage, SinkError
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# The most rows one group commit takes (a batch is never split).
+GROUP_ROWS = 5000
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -68,20 +73,26 @@ _SCHEMA = (
     )""",
 )
 
+# Rows of several users at once: one array element per row.
 _INSERT_LEDGER = """
 INSERT INTO ledger (user_name, seq, kind, amount, balance, at)
-SELECT %(user)s, u.seq, u.kind, u.amount, u.balance, u.at
+SELECT u.user_name, u.seq, u.kind, u.amount, u.balance, u.at
 FROM unnest(
-    %(seqs)s::bigint[], %(kinds)s::smallint[], %(amounts)s::bigint[],
+    %(users)s::text[], %(seqs)s::bigint[], %(kinds)s::smallint[], %(amounts)s::bigint[],
     %(balances)s::bigint[], %(ats)s::timestamptz[]
-) AS u(seq, kind, amount, balance, at)
+) AS u(user_name, seq, kind, amount, balance, at)
 ON CONFLICT (user_name, seq) DO NOTHING
 """
 
-# Balance, last_seq and head_seq move only forward; created_at only backward.
-_UPSERT_ACCOUNT = """
+# One array element per user (each user at most once). Balance, last_seq and head_seq move only
+# forward; created_at only backward.
+_UPSERT_ACCOUNTS = """
 INSERT INTO accounts AS a (user_name, balance, last_seq, head_seq, created_at, updated_at)
-VALUES (%(user)s, %(balance)s, %(seq)s, %(head_seq)s, %(created_at)s, now())
+SELECT u.user_name, u.balance, u.last_seq, u.head_seq, u.created_at, now()
+FROM unnest(
+    %(users)s::text[], %(balances)s::bigint[], %(seqs)s::bigint[], %(heads)s::bigint[],
+    %(created)s::timestamptz[]
+) AS u(user_name, balance, last_seq, head_seq, created_at)
 ON CONFLICT (user_name) DO UPDATE SET
     balance = CASE WHEN excluded.last_seq > a.last_seq THEN excluded.balance ELSE a.balance END,
     updated_at = CASE WHEN excluded.last_seq > a.last_seq THEN now() ELSE a.updated_at END,
@@ -208,6 +219,16 @@ class AccountRow(NamedTuple):
         return _EPOCH + timedelta(microseconds=self.created_at_us)
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """A batch waiting for the group commit, and the future its `apply` awaits."""
+
+    user: str
+    changes: Sequence[Change]
+    head_seq: int
+    done: asyncio.Future[int]
+
+
 @dataclass(frozen=True, kw_only=True)
 class AccountCheck:
     """A user's account row and the newest ledger row, as PostgreSQL held them at one moment;
@@ -277,6 +298,8 @@ class Sink:
             )
         )
         self._ready = False
+        self._waiting: deque[_Batch] = deque()
+        self._committer: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -304,36 +327,75 @@ class Sink:
         await self._pool.close()
 
     async def apply(self, user: str, changes: Sequence[Change], *, head_seq: int = 0) -> int:
-        """Commits the rows of one user in one transaction and returns the highest seq of the
-        batch: every row of `user` up to that seq is then in PostgreSQL. `head_seq` is the
-        newest seq the worker reported (0 = not reported), kept for `unshipped_users`.
+        """Commits the rows of one user and returns the highest seq of the batch: every row of
+        `user` up to that seq is then in PostgreSQL. `head_seq` is the newest seq the worker
+        reported (0 = not reported), kept for `unshipped_users`.
+
+        Group commit: batches that arrive while a transaction is committing wait for it, then
+        go together in the next one (one transaction, one commit for many users), so the cost
+        of a commit is shared when many workers ship single deposits. A failure fails every
+        batch of the group; their workers resend, which is safe (idempotent).
 
         `changes` must be non-empty and in ascending seq order (the caller validates).
         """
-        newest = changes[-1]
-        params = {
-            "user": user,
-            "seqs": [c.seq for c in changes],
-            "kinds": [c.kind for c in changes],
-            "amounts": [c.amount for c in changes],
-            "balances": [c.balance for c in changes],
-            "ats": [c.at for c in changes],
-        }
-        async with self._connection(f"applying seq {changes[0].seq}-{newest.seq} of {user!r}") as c:
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Batch(user, changes, head_seq, done))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_waiting())
+        return await done
+
+    async def _commit_waiting(self) -> None:
+        """Commits the waiting batches, a group at a time, until none waits."""
+        while self._waiting:
+            group, rows = [], 0
+            while self._waiting and rows < GROUP_ROWS:
+                batch = self._waiting.popleft()
+                group.append(batch)
+                rows += len(batch.changes)
+            try:
+                await self._commit(group)
+            except Exception as e:  # EtlError, or a bug: either way every waiter hears of it
+                for batch in group:
+                    if not batch.done.done():
+                        batch.done.set_exception(e)
+            else:
+                for batch in group:
+                    if not batch.done.done():  # a stream that ended meanwhile stops waiting
+                        batch.done.set_result(batch.changes[-1].seq)
+
+    async def _commit(self, group: Sequence[_Batch]) -> None:
+        # Users sorted, rows ascending within each: locks are always taken in the same order.
+        rows = sorted(((b.user, c) for b in group for c in b.changes),
+                      key=lambda r: (r[0], r[1].seq))
+        accounts: dict[str, tuple[Change, int, datetime]] = {}  # user: newest, head, oldest at
+        for batch in group:
+            newest, oldest = batch.changes[-1], min(c.at for c in batch.changes)
+            head = max(batch.head_seq, newest.seq)
+            if batch.user in accounts:  # two activations of one user in one group
+                other, other_head, other_oldest = accounts[batch.user]
+                newest = max(newest, other, key=lambda c: c.seq)
+                head, oldest = max(head, other_head), min(oldest, other_oldest)
+            accounts[batch.user] = (newest, head, oldest)
+        users = sorted(accounts)
+        what = f"applying {len(rows)} rows of {len(users)} user(s) ({', '.join(users[:3])}...)"
+        async with self._connection(what) as conn:
             # One network round trip for BEGIN, both statements and COMMIT, not four.
-            async with c.pipeline(), c.transaction():
-                await c.execute(_INSERT_LEDGER, params)
-                await c.execute(
-                    _UPSERT_ACCOUNT,
-                    {
-                        "user": user,
-                        "balance": newest.balance,
-                        "seq": newest.seq,
-                        "head_seq": max(head_seq, newest.seq),
-                        "created_at": min(ch.at for ch in changes),
-                    },
-                )
-        return newest.seq
+            async with conn.pipeline(), conn.transaction():
+                await conn.execute(_INSERT_LEDGER, {
+                    "users": [u for u, _ in rows],
+                    "seqs": [c.seq for _, c in rows],
+                    "kinds": [c.kind for _, c in rows],
+                    "amounts": [c.amount for _, c in rows],
+                    "balances": [c.balance for _, c in rows],
+                    "ats": [c.at for _, c in rows],
+                })
+                await conn.execute(_UPSERT_ACCOUNTS, {
+                    "users": users,
+                    "balances": [accounts[u][0].balance for u in users],
+                    "seqs": [accounts[u][0].seq for u in users],
+                    "heads": [accounts[u][1] for u in users],
+                    "created": [accounts[u][2] for u in users],
+                })
 
     async def summary(self, page_size: int = 0, page_token: str = "") -> SummaryPage:
         """Accounts in creation order (created_at, then user name); `page_size` 0 means all.

@@ -204,6 +204,29 @@ def test_overlapping_batches_give_each_row_once(conninfo: str) -> None:
     asyncio.run(scenario())
 
 
+def test_concurrent_batches_of_many_users_commit_together_and_correctly(conninfo: str) -> None:
+    """Group commit: batches that wait together go in one transaction, including two
+    overlapping activations of one user and an older batch after a newer one."""
+
+    async def scenario() -> None:
+        async with opened(conninfo) as sink:
+            acks = await asyncio.gather(
+                *(sink.apply(f"u{i:02d}", changes(1, 3), head_seq=4) for i in range(40)),
+                sink.apply("koduki", changes(1, 5)),
+                sink.apply("koduki", changes(3, 8)),  # a second activation, overlapping
+                sink.apply("koduki", changes(1, 2)),  # an old resend
+            )
+            assert acks == [3] * 40 + [5, 8, 2]
+            assert await sink.counts() == (41, 40 * 3 + 8)
+            accounts = {a.user: a for a in (await sink.summary()).accounts}
+            assert (accounts["koduki"].balance, accounts["koduki"].last_seq) == (36, 8)
+            assert {(a.balance, a.last_seq) for u, a in accounts.items() if u != "koduki"} == {
+                (6, 3)}
+            assert await sink.unshipped_users() == 40  # each reported head 4, PostgreSQL has 3
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("page_size", [1, 2, 3, 7, 50])
 def test_pages_return_every_account_once(conninfo: str, page_size: int) -> None:
     users = [f"user-{i:02d}" for i in range(20)]
