@@ -16,18 +16,29 @@ import sys
 import threading
 from types import FrameType
 
+import grpc
+
 from conventions import logs
-from conventions.config import ConfigError, from_env
+from conventions.config import ConfigError, Settings, from_env
+from dispatcher.drain import unshipped_on_disk
 from launcher.stack import Stack, StartError, grpc_serving
+from upw.replication.v1 import replication_pb2, replication_pb2_grpc
 
 log = logging.getLogger("launcher")
 
 
-def run() -> int:
+def _settings() -> Settings | None:
+    """The UPW_* settings, or None after saying on stderr why they cannot be used."""
     try:
-        settings = from_env()
+        return from_env()
     except ConfigError as exc:
         print(f"upw: {exc}", file=sys.stderr)
+        return None
+
+
+def run() -> int:
+    settings = _settings()
+    if settings is None:
         return 2
     logs.setup("launcher", settings.log_level)
     stop = threading.Event()
@@ -70,15 +81,8 @@ def status() -> int:
     """Prints what the ETL reports of replication and what the data dir holds unshipped.
     Exit 0 when nothing is unshipped, 1 when some user has unshipped rows, 2 when the ETL
     does not answer."""
-    import grpc
-
-    from dispatcher.drain import unshipped_on_disk
-    from upw.replication.v1 import replication_pb2, replication_pb2_grpc
-
-    try:
-        settings = from_env()
-    except ConfigError as exc:
-        print(f"upw: {exc}", file=sys.stderr)
+    settings = _settings()
+    if settings is None:
         return 2
     queued, unshipped = unshipped_on_disk(settings.data_dir)
     print(f"data dir {settings.data_dir}: {len(unshipped)} user(s) with unshipped rows "

@@ -64,6 +64,19 @@ def engine() -> Iterator[APIClient]:
     api.close()
 
 
+# The original curl session: (path, the exact body answered).
+WALKTHROUGH = [
+    ("/koduki/create", "Hello, koduki. Welcome Unlimited Process Works!\n"),
+    ("/koduki/deposit/128", "koduki's account deposit 128 yen.\n"),
+    ("/koduki/deposit/128", "koduki's account deposit 128 yen.\n"),
+    ("/koduki/show", "koduki's account is 256 yen.\n"),
+    ("/nanoha/create", "Hello, nanoha. Welcome Unlimited Process Works!\n"),
+    ("/nanoha/deposit/156", "nanoha's account deposit 156 yen.\n"),
+    ("/misuzu/create", "Hello, misuzu. Welcome Unlimited Process Works!\n"),
+    ("/misuzu/deposit/75", "misuzu's account deposit 75 yen.\n"),
+]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from docker.api import APIClient
 
-from tests.conftest import Http, free_port, wait_for
+from tests.conftest import WALKTHROUGH, Http, free_port, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -81,17 +81,7 @@ def test_build_then_compose_up_serves_the_walkthrough(
     up, http = compose
     up("up", "-d")
     wait_for(lambda: summary(http) == "", timeout=120, what="the composed stack to answer")
-    steps = [
-        ("/koduki/create", "Hello, koduki. Welcome Unlimited Process Works!\n"),
-        ("/koduki/deposit/128", "koduki's account deposit 128 yen.\n"),
-        ("/koduki/deposit/128", "koduki's account deposit 128 yen.\n"),
-        ("/koduki/show", "koduki's account is 256 yen.\n"),
-        ("/nanoha/create", "Hello, nanoha. Welcome Unlimited Process Works!\n"),
-        ("/nanoha/deposit/156", "nanoha's account deposit 156 yen.\n"),
-        ("/misuzu/create", "Hello, misuzu. Welcome Unlimited Process Works!\n"),
-        ("/misuzu/deposit/75", "misuzu's account deposit 75 yen.\n"),
-    ]
-    for path, expected in steps:
+    for path, expected in WALKTHROUGH:
         response = http.get(path)
         assert (response.status, response.text) == (200, expected), path
     expected_summary = "koduki, 256\nnanoha, 156\nmisuzu, 75\n"

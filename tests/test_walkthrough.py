@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from conventions.users import user_dir
-from tests.conftest import RunningStack, summary_lines, wait_for
+from tests.conftest import WALKTHROUGH, RunningStack, summary_lines, wait_for
 
 TEXT = "text/plain; charset=utf-8"
 
@@ -18,14 +18,7 @@ def test_original_walkthrough(make_stack: Callable[..., RunningStack], runtime: 
     stack = make_stack(runtime=runtime)
     http = stack.http
     steps = [
-        ("/koduki/create", "Hello, koduki. Welcome Unlimited Process Works!\n"),
-        ("/koduki/deposit/128", "koduki's account deposit 128 yen.\n"),
-        ("/koduki/deposit/128", "koduki's account deposit 128 yen.\n"),
-        ("/koduki/show", "koduki's account is 256 yen.\n"),
-        ("/nanoha/create", "Hello, nanoha. Welcome Unlimited Process Works!\n"),
-        ("/nanoha/deposit/156", "nanoha's account deposit 156 yen.\n"),
-        ("/misuzu/create", "Hello, misuzu. Welcome Unlimited Process Works!\n"),
-        ("/misuzu/deposit/75", "misuzu's account deposit 75 yen.\n"),
+        *WALKTHROUGH,
         ("/koduki/create", "Hello, koduki. Welcome Unlimited Process Works!\n"),  # idempotent
         ("/koduki/show", "koduki's account is 256 yen.\n"),
     ]
