@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from bench.model import Distribution, Profile, Section
+from bench.model import Distribution, Profile, Section, ms, points, quantile
 from bench.stackrun import BenchStack, bench_stack, docker_available
 
 log = logging.getLogger("bench.cold")
@@ -54,32 +54,6 @@ SERVING = re.compile(r"worker\.server: user '(?P<user>[^']+)': serving on ")
 
 
 # ---- numbers ---------------------------------------------------------------------------------
-
-def quantile(values: Sequence[float], p: float) -> float:
-    """The `p`th percentile (0-100) of `values`, linearly interpolated; NaN when empty."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * p / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def points(values: Sequence[float]) -> list[tuple[float, float]]:
-    """A distribution to plot: (percentile, ms) at every rank, ascending."""
-    ordered = sorted(values)
-    if len(ordered) < 2:
-        return [(100.0, v) for v in ordered]
-    return [(100 * i / (len(ordered) - 1), v) for i, v in enumerate(ordered)]
-
-
-def ms(value: float) -> str:
-    """A table cell of milliseconds."""
-    if value != value:
-        return "-"
-    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:,.0f}"
-
 
 def spread(label: str, values: Sequence[float]) -> list[str]:
     """`label`, count, p50, p90, p99 and max of `values` (ms) as table cells."""

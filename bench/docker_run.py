@@ -205,10 +205,8 @@ def run(profile: Profile) -> Section:
                 result = load.drive(url, connections=clients, duration=duration,
                                     users=USERS, prefix=PREFIX)
                 case = f"docker run, {USERS} users"
-                section.rows.append(result.row(case))
-                section.distributions.append(result.distribution(f"{case}, {clients} clients"))
+                result.add_to(section, case)
                 section.metrics[f"requests/s docker run {clients}"] = result.rate
-                section.notes.extend(result.problems(case))
             baseline.wait_idle()
     finally:
         _remove_leftovers(root / "data")

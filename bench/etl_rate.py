@@ -20,7 +20,6 @@ a user of its own, answered, then PostgreSQL polled every millisecond until the 
 from __future__ import annotations
 
 import asyncio
-import http.client
 import itertools
 import json
 import logging
@@ -37,8 +36,8 @@ import grpc
 import psycopg
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bench.cold import ms, points, quantile
-from bench.model import Distribution, Profile, Section
+from bench import load
+from bench.model import Distribution, Profile, Section, ms, points, quantile
 from bench.stackrun import BenchStack, bench_stack
 from etl.embedded import EmbeddedPostgres
 from upw.account.v1 import account_pb2
@@ -211,22 +210,12 @@ def _pace(port: int, users: list[str], rate: float, seconds: float, connections:
     out.put(result)
 
 
-def _http(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request(method, path, body=body,
-                           headers={"content-type": "application/json"} if body else {})
-        reply = connection.getresponse()
-        return reply.status, reply.read()
-    finally:
-        connection.close()
-
-
 def _probe(port: int, url: str, user: str, stop: threading.Event, lags: list[float]) -> None:
     """Every 100 ms: a deposit, then PostgreSQL polled each ms until its row is visible."""
     with psycopg.connect(url, autocommit=True) as pg:
         while not stop.is_set():
-            status, body = _http(port, "POST", f"/v1/accounts/{user}:deposit", b'{"amount": 1}')
+            status, body = load.request(
+                port, "POST", f"/v1/accounts/{user}:deposit", b'{"amount": 1}', timeout=30)
             answered = time.perf_counter()
             if status != 200:
                 log.warning("probe deposit answered %d: %s", status, body[:200])
@@ -271,7 +260,7 @@ def database_url(stack: BenchStack) -> str:
 
 def idle_probe(stack: BenchStack, seconds: float) -> list[float]:
     """The probe alone for `seconds`: the lag of a stack with nothing else to do."""
-    status, body = _http(stack.http_port, "GET", "/lagprobe/create")
+    status, body = load.request(stack.http_port, "GET", "/lagprobe/create")
     if status != 200:
         raise RuntimeError(f"GET /lagprobe/create answered {status}: {body[:300]!r}")
     stop = threading.Event()
@@ -290,7 +279,7 @@ def lag(stack: BenchStack, rate: float, seconds: float) -> Lag:
     users = [f"lag{i:03d}" for i in range(LAG_USERS)]
     for user in [*users, "lagprobe"]:
         for path in (f"/{user}/create", f"/{user}/show"):
-            status, body = _http(port, "GET", path)
+            status, body = load.request(port, "GET", path)
             if status != 200:
                 raise RuntimeError(f"GET {path} answered {status}: {body[:300]!r}")
     url = database_url(stack)

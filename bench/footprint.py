@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import logging
@@ -34,9 +33,9 @@ from typing import Any
 import grpc
 import psycopg
 
-from bench.cold import ms, points
+from bench import load
 from bench.etl_rate import database_url
-from bench.model import Distribution, Profile, Section
+from bench.model import Distribution, Profile, Section, ms, points
 from bench.stackrun import BenchStack, bench_stack, docker_available
 from conventions.users import account_db, user_dir
 from dispatcher.runtimes.process import worker_processes
@@ -49,16 +48,6 @@ DEPOSITS = 5
 IDLE_TTL = 3.0
 SUMMARY_REQUESTS = 7
 MB = 1024 * 1024
-
-
-def get(port: int, path: str, timeout: float = 60.0) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        connection.request("GET", path)
-        reply = connection.getresponse()
-        return reply.status, reply.read()
-    finally:
-        connection.close()
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -79,11 +68,6 @@ def smaps(pid: int) -> dict[str, int]:
             fields[name] = int(parts[0]) * 1024
     return {"rss": fields.get("Rss", 0), "pss": fields.get("Pss", 0),
             "uss": fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)}
-
-
-def worker_pids(stack: BenchStack, user: str) -> list[int]:
-    """Live worker processes of `user` of this stack (by their command line)."""
-    return worker_processes(stack.data_dir, user)
 
 
 def disk(directory: Path) -> tuple[int, int, dict[str, int]]:
@@ -112,7 +96,7 @@ def warm_user(stack: BenchStack) -> None:
         # A start slower than Envoy's route timeout (a busy machine) answers 504; the worker
         # still becomes ready, and the same request again finds it.
         for _ in range(3):
-            status, body = get(stack.http_port, path)
+            status, body = load.request(stack.http_port, "GET", path)
             if status not in (503, 504):
                 break
             log.warning("GET %s answered %d; trying again", path, status)
@@ -158,7 +142,7 @@ def one_user(runtime: str, section: Section, summary_accounts: int) -> None:
         if runtime == "docker":
             pid, charge, container = container_memory(stack, USER)
         else:
-            [pid] = worker_pids(stack, USER)
+            [pid] = worker_processes(stack.data_dir, USER)
         memory = smaps(pid)
         warm_row, _ = describe_disk(f"{runtime}: disk of one user, worker running", where)
         if runtime == "docker":
@@ -176,8 +160,8 @@ def one_user(runtime: str, section: Section, summary_accounts: int) -> None:
                 f"PSS {memory['pss'] / MB:.1f} MB, USS {memory['uss'] / MB:.1f} MB"])
         section.rows.append(warm_row)
         # The idle TTL stops the worker; the account's directory is all that is left.
-        wait_until(lambda: not worker_pids(stack, USER) and not Path(f"/proc/{pid}").exists(),
-                   IDLE_TTL + 30, "the idle worker to stop")
+        wait_until(lambda: not worker_processes(stack.data_dir, USER)
+                   and not Path(f"/proc/{pid}").exists(), IDLE_TTL + 30, "the idle worker to stop")
         time.sleep(0.5)  # a container's removal follows its process's exit
         idle_row, _ = describe_disk(
             f"{runtime}: disk of one idle user (worker stopped, no process left)", where)
@@ -206,30 +190,23 @@ def summary(stack: BenchStack, accounts: int, section: Section) -> None:
                 copy.write(chunk)
         pg.execute("ANALYZE accounts")
         loaded = time.monotonic() - began
-        query = []
-        text = []
-        for _ in range(SUMMARY_REQUESTS):
-            t = time.perf_counter()
-            pg.execute("SELECT user_name, balance, last_seq, created_at FROM accounts "
-                       "ORDER BY created_at, user_name").fetchall()
-            query.append((time.perf_counter() - t) * 1000)
-            # What a design that lets PostgreSQL write the body itself would cost.
-            t = time.perf_counter()
-            pg.execute("SELECT string_agg(user_name || ', ' || balance, E'\\n' "
-                       "ORDER BY created_at, user_name) FROM accounts").fetchone()
-            text.append((time.perf_counter() - t) * 1000)
-    etl = []
+    # The text route's upstream call (the body built by PostgreSQL), and the typed, paged
+    # summary (`/v1/summary`) that converts every row, for comparison.
+    text, typed = [], []
     with grpc.insecure_channel(f"unix:{stack.settings.etl_socket}") as channel:
         stub = summary_pb2_grpc.SummaryServiceStub(channel)
         for _ in range(SUMMARY_REQUESTS):
             t = time.perf_counter()
+            stub.GetSummaryText(summary_pb2.GetSummaryTextRequest(), timeout=60)
+            text.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
             stub.GetSummary(summary_pb2.GetSummaryRequest(), timeout=60)
-            etl.append((time.perf_counter() - t) * 1000)
+            typed.append((time.perf_counter() - t) * 1000)
     took = []
     size = 0
     for _ in range(SUMMARY_REQUESTS):
         t = time.perf_counter()
-        status, body = get(stack.http_port, "/account_summary")
+        status, body = load.request(stack.http_port, "GET", "/account_summary")
         took.append((time.perf_counter() - t) * 1000)
         if status != 200:
             raise RuntimeError(f"GET /account_summary answered {status}: {body[:300]!r}")
@@ -239,10 +216,9 @@ def summary(stack: BenchStack, accounts: int, section: Section) -> None:
         f"GET /account_summary over {lines:,} accounts, through Envoy",
         f"{ms(statistics.median(took))} ms p50",
         f"{SUMMARY_REQUESTS} requests, min {ms(min(took))}, max {ms(max(took))} ms; body "
-        f"{size / MB:.2f} MB; p50 of the parts: the query alone in PostgreSQL (psycopg, "
-        f"fetch all) {ms(statistics.median(query))} ms, the ETL's SummaryService.GetSummary "
-        f"over its socket {ms(statistics.median(etl))} ms; the whole body built by "
-        f"PostgreSQL (string_agg) {ms(statistics.median(text))} ms"])
+        f"{size / MB:.2f} MB; p50 over the ETL's socket: SummaryService.GetSummaryText (what "
+        f"the route asks for) {ms(statistics.median(text))} ms, the typed GetSummary of every "
+        f"account {ms(statistics.median(typed))} ms"])
     section.distributions.append(Distribution("GET /account_summary", points(took)))
     section.notes.append(f"{accounts:,} accounts were loaded with one COPY in {loaded:.1f} s.")
 

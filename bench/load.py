@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.model import Distribution
+from bench.model import Distribution, Section, ms
 
 log = logging.getLogger("bench.load")
 
@@ -36,12 +36,6 @@ TIMEOUT = "30s"
 # The table of every throughput case (`LoadResult.row`).
 COLUMNS = ["case", "clients", "requests/s", "p50 (ms)", "p90 (ms)", "p99 (ms)", "max (ms)",
            "errors", "wrk CPU %"]
-
-
-def _ms(value: float) -> str:
-    if value != value:  # NaN: no answers at all
-        return "-"
-    return f"{value:.2f}" if value < 10 else f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
 class LoadError(RuntimeError):
@@ -94,9 +88,17 @@ class LoadResult:
         return [
             case, str(self.connections), f"{self.rate:,.0f}" if self.rate >= 100
             else f"{self.rate:.1f}",
-            *(_ms(self.percentile(p)) for p in (50, 90, 99)), _ms(self.max_ms),
+            *(ms(self.percentile(p)) for p in (50, 90, 99)), ms(self.max_ms),
             self.describe_errors(), f"{self.cpu_percent:.0f}",
         ]
+
+    def add_to(self, section: Section, case: str) -> None:
+        """Adds this run to `section`: its table row, its distribution (labelled with the
+        case and the clients) and any problems as notes."""
+        section.rows.append(self.row(case))
+        clients = f"{self.connections} client" + "s" * (self.connections != 1)
+        section.distributions.append(self.distribution(f"{case}, {clients}"))
+        section.notes.extend(self.problems(case))
 
     def distribution(self, label: str) -> Distribution:
         return Distribution(label, list(self.percentiles) if self.requests else [])
@@ -206,13 +208,15 @@ def drive(
     return result
 
 
-def get(port: int, path: str, *, timeout: float = 60.0) -> tuple[int, str]:
-    """One GET on 127.0.0.1:`port`: (status, body)."""
+def request(port: int, method: str, path: str, body: bytes | None = None, *,
+            timeout: float = 60.0) -> tuple[int, bytes]:
+    """One request on 127.0.0.1:`port` (a JSON body when given): (status, body)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request("GET", path)
+        connection.request(method, path, body=body,
+                           headers={"content-type": "application/json"} if body else {})
         reply = connection.getresponse()
-        return reply.status, reply.read().decode(errors="replace")
+        return reply.status, reply.read()
     finally:
         connection.close()
 
@@ -231,9 +235,9 @@ def create_users(port: int, names: list[str], *, concurrency: int = 8,
 
     def prepare(user: str) -> None:
         for path in [f"/{user}/create"] + ([f"/{user}/show"] if warm else []):
-            status, body = get(port, path)
+            status, body = request(port, "GET", path)
             if status != 200:
-                raise LoadError(f"GET {path} answered {status}: {body.strip()[:300]}")
+                raise LoadError(f"GET {path} answered {status}: {body.strip()[:300]!r}")
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for _ in pool.map(prepare, names):

@@ -7,6 +7,7 @@ points, as wrk's `latency:percentile()` or `statistics.quantiles` produce them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,3 +50,31 @@ class Section:
     # Raw numbers by name (e.g. "docker 16 clients requests/s"), for ratios across sections
     # (`bench/__main__.py`) and for results.json; not rendered as they are.
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+# ---- numbers -------------------------------------------------------------------------------
+
+def quantile(values: Sequence[float], p: float) -> float:
+    """The `p`th percentile (0-100) of `values`, linearly interpolated; NaN when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * p / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def points(values: Sequence[float]) -> list[tuple[float, float]]:
+    """A distribution to plot: (percentile, ms) at every rank, ascending."""
+    ordered = sorted(values)
+    if len(ordered) < 2:
+        return [(100.0, v) for v in ordered]
+    return [(100 * i / (len(ordered) - 1), v) for i, v in enumerate(ordered)]
+
+
+def ms(value: float) -> str:
+    """A table cell of milliseconds."""
+    if value != value:
+        return "-"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:,.0f}"

@@ -52,8 +52,6 @@ def run(profile: Profile) -> Section:
                 result = load.drive(stack.base_url, connections=clients, duration=duration,
                                     users=USERS, prefix=PREFIX)
                 case = f"{runtime} runtime, {USERS} users"
-                section.rows.append(result.row(case))
-                section.distributions.append(result.distribution(f"{case}, {clients} clients"))
+                result.add_to(section, case)
                 section.metrics[f"requests/s {runtime} {clients}"] = result.rate
-                section.notes.extend(result.problems(case))
     return section

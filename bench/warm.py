@@ -51,10 +51,7 @@ def run(profile: Profile) -> Section:
                        prefix=prefix, deposit_percent=deposits)
             result = load.drive(stack.base_url, connections=clients, duration=profile.duration,
                                 users=users, prefix=prefix, deposit_percent=deposits)
-            section.rows.append(result.row(case))
-            section.distributions.append(result.distribution(f"{case}, {clients} client"
-                                                             + "s" * (clients != 1)))
+            result.add_to(section, case)
             if users == USERS and deposits == 50:
                 section.metrics[f"requests/s warm {clients}"] = result.rate
-            section.notes.extend(result.problems(case))
     return section
