@@ -142,7 +142,7 @@ def one_user(runtime: str, section: Section, summary_accounts: int) -> None:
         if runtime == "docker":
             pid, charge, container = container_memory(stack, USER)
         else:
-            [pid] = worker_processes(stack.data_dir, USER)
+            [pid] = worker_processes(stack.settings.workers_dir, USER)
         memory = smaps(pid)
         warm_row, _ = describe_disk(f"{runtime}: disk of one user, worker running", where)
         if runtime == "docker":
@@ -160,7 +160,7 @@ def one_user(runtime: str, section: Section, summary_accounts: int) -> None:
                 f"PSS {memory['pss'] / MB:.1f} MB, USS {memory['uss'] / MB:.1f} MB"])
         section.rows.append(warm_row)
         # The idle TTL stops the worker; the account's directory is all that is left.
-        wait_until(lambda: not worker_processes(stack.data_dir, USER)
+        wait_until(lambda: not worker_processes(stack.settings.workers_dir, USER)
                    and not Path(f"/proc/{pid}").exists(), IDLE_TTL + 30, "the idle worker to stop")
         time.sleep(0.5)  # a container's removal follows its process's exit
         idle_row, _ = describe_disk(

@@ -64,7 +64,7 @@ class BenchStack:
         """Worker processes (process runtime) or running containers (docker) of this stack."""
         if self.settings.runtime == "docker":
             return len(_containers(self.data_dir, running_only=True))
-        return len(worker_processes(self.data_dir))
+        return len(worker_processes(self.settings.workers_dir))
 
     def wait_idle(self, timeout: float = 60.0) -> float:
         """Waits until no worker of this stack runs (requests a load generator dropped may

@@ -116,6 +116,7 @@ async def serve(settings: Settings) -> None:
         await server.stop(SHUTDOWN_GRACE)
         await drainer.stop()
         await pool.close()
+        await runtime.close()
         await etl_channel.close()
         await probe_channel.close()
         log.info("dispatcher stopped")

@@ -169,8 +169,8 @@ class RunningStack:
         return len(self.worker_pids(user))
 
     def worker_pids(self, user: str) -> list[int]:
-        """Live worker processes of `user` under this stack's data dir, read from /proc."""
-        return worker_processes(self.data_dir, user)
+        """Live worker processes of `user` in this stack (process runtime), from their pid files."""
+        return worker_processes(self.settings.workers_dir, user)
 
     def database_url(self) -> str:
         return reconcile.database_url(self.settings)

@@ -52,3 +52,8 @@ class Runtime(Protocol):
     async def remove_leftovers(self) -> int:
         """Stops workers that an earlier dispatcher run left behind; returns how many."""
         ...
+
+    async def close(self) -> None:
+        """Releases what the runtime itself holds (a client, a helper process); workers are
+        left alone, so the pool stops them first."""
+        ...

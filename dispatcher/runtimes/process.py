@@ -1,9 +1,11 @@
-"""Workers as local child processes: the embedded default where no Docker engine answers.
+"""Workers as local processes: the embedded default where no Docker engine answers.
 
-Each worker is `python -m worker` with the same arguments a container gets. A pid file per
-worker (`<workers dir>/<user>.pid`) lets the next dispatcher run find and stop workers that a
-crashed run left behind; the process's command line is checked before it is signalled, so a
-reused pid is never killed by mistake.
+Each worker runs `worker.__main__.main` with the same arguments a container gets, in a process
+forked by the runtime's fork server (`python -m worker.forkserver`, which has the worker's
+modules imported already; see dispatcher/runtimes/forkserver.py). A pid file per worker
+(`<workers dir>/<user>.pid`) lets the next dispatcher run find and stop workers that a crashed
+run left behind; the process's command line (the fork server's, naming the workers dir) is
+checked before it is signalled, so a reused pid is never killed by mistake.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from conventions.users import validate_user
 from dispatcher.errors import WorkerUnavailable
 from dispatcher.runtimes.base import RunningWorker
+from dispatcher.runtimes.forkserver import ForkedProcess, ForkServerClient, is_alive
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +32,19 @@ log = logging.getLogger(__name__)
 class ProcessWorker:
     user: str
     socket: Path
-    process: asyncio.subprocess.Process
+    process: ForkedProcess
     phases: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
         return f"pid {self.process.pid}"
 
     def exit_status(self) -> str | None:
+        if not self.process.ended:
+            return None
         code = self.process.returncode
         if code is None:
-            return None
+            return f"worker process {self.process.pid} ended (status unknown: its fork server " \
+                "had ended)"
         return f"worker process {self.process.pid} exited with status {code}"
 
 
@@ -60,7 +66,7 @@ class ProcessRuntime:
         self._etl_socket = etl_socket
         self._stop_grace = stop_grace
         self._log_level = log_level
-        self._python = python
+        self._forks = ForkServerClient(python=python, workers_dir=workers_dir)
 
     def _socket(self, user: str) -> Path:
         return self._workers_dir / f"{validate_user(user)}.sock"
@@ -73,29 +79,18 @@ class ProcessRuntime:
         self._workers_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         socket.unlink(missing_ok=True)
         argv = [
-            self._python,
-            "-m",
-            "worker",
-            "--user",
-            user,
-            "--data-dir",
-            str(self._data_dir),
-            "--listen",
-            str(socket),
-            "--etl-socket",
-            str(self._etl_socket),
-            "--log-level",
-            self._log_level,
+            "--user", user,
+            "--data-dir", str(self._data_dir),
+            "--listen", str(socket),
+            "--etl-socket", str(self._etl_socket),
+            "--log-level", self._log_level,
         ]
         begun = time.monotonic()
         try:
-            # A session of its own: a Ctrl-C meant for the dispatcher must not reach workers
-            # before the dispatcher has stopped them in order.
-            process = await asyncio.create_subprocess_exec(*argv, start_new_session=True)
-        except OSError as exc:
-            raise WorkerUnavailable(
-                f"could not start the worker process of {user!r}: {exc}"
-            ) from exc
+            process = await self._forks.spawn(argv)
+        except WorkerUnavailable as exc:
+            raise WorkerUnavailable(f"could not start the worker process of {user!r}: {exc}") \
+                from exc
         spawned = time.monotonic()
         self._pid_file(user).write_text(f"{process.pid}\n")
         return ProcessWorker(user=user, socket=socket, process=process,
@@ -104,7 +99,7 @@ class ProcessRuntime:
     async def stop(self, worker: RunningWorker) -> None:
         assert isinstance(worker, ProcessWorker), worker
         process = worker.process
-        if process.returncode is None:
+        if not process.ended:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
             try:
@@ -122,57 +117,44 @@ class ProcessRuntime:
     async def remove_leftovers(self) -> int:
         """Stops every leftover worker at once: each may spend its flush timeout shipping to
         the ETL, and a crashed dispatcher can leave hundreds."""
-        if not self._workers_dir.is_dir():
-            return 0
-        leftovers = []
-        for pid_file in sorted(self._workers_dir.glob("*.pid")):
-            socket = pid_file.with_suffix(".sock")
-            try:
-                pid = int(pid_file.read_text().strip())
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _is_worker(pid, socket):
-                log.info(
-                    "stopping worker pid %d left behind by an earlier run (%s)", pid, socket.name
-                )
-                leftovers.append(pid)
-            else:
-                pid_file.unlink(missing_ok=True)
-                socket.unlink(missing_ok=True)
+        leftovers = worker_processes(self._workers_dir)
+        for pid in leftovers:
+            log.info("stopping worker pid %d left behind by an earlier run", pid)
         await asyncio.gather(*(_terminate(pid, self._stop_grace) for pid in leftovers))
         for pid_file in sorted(self._workers_dir.glob("*.pid")):
             pid_file.unlink(missing_ok=True)
             pid_file.with_suffix(".sock").unlink(missing_ok=True)
         return len(leftovers)
 
+    async def close(self) -> None:
+        """Ends the fork server; the workers are left alone (the pool stops them first)."""
+        await self._forks.close()
 
-def worker_processes(data_dir: Path, user: str | None = None) -> list[int]:
-    """The live (not zombie) worker processes started for `data_dir`, or for one `user` of it,
-    found by their command line in /proc. For tools and tests; the runtime trusts its pid
-    files and checks each with `_is_worker`."""
-    wanted = [b"worker", str(data_dir).encode()]
-    if user is not None:
-        wanted += [b"--user", user.encode()]
+
+def worker_processes(workers_dir: Path, user: str | None = None) -> list[int]:
+    """The live worker processes that the pid files in `workers_dir` name (all, or `user`'s),
+    each checked to be a worker of that directory (a pid can be reused)."""
+    pid_files = [workers_dir / f"{validate_user(user)}.pid"] if user is not None \
+        else sorted(workers_dir.glob("*.pid"))
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid_file in pid_files:
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
             continue
-        if all(w in argv for w in wanted) and not _is_zombie(int(entry.name)):
-            found.append(int(entry.name))
+        if is_alive(pid) and _is_worker(pid, workers_dir):
+            found.append(pid)
     return found
 
 
-def _is_worker(pid: int, socket: Path) -> bool:
-    """True when `pid` is a worker process serving on `socket`."""
+def _is_worker(pid: int, workers_dir: Path) -> bool:
+    """True when `pid` runs the command line of the fork server of `workers_dir`, which its
+    workers inherit."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"worker" in argv and str(socket).encode() in argv
+    return b"worker.forkserver" in argv and str(workers_dir).encode() in argv
 
 
 async def _terminate(pid: int, grace: float) -> None:
@@ -180,15 +162,8 @@ async def _terminate(pid: int, grace: float) -> None:
         os.kill(pid, signal.SIGTERM)
     deadline = asyncio.get_running_loop().time() + grace
     while asyncio.get_running_loop().time() < deadline:
-        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+        if not is_alive(pid):
             return
         await asyncio.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
