@@ -162,6 +162,12 @@ def compare(sections: dict[str, Section]) -> None:
                     f"At {clients} clients, {what}: {rate:,.1f} requests/s, "
                     f"**{rate / base_rate:,.1f} times** the `docker run` baseline "
                     f"({base_rate:,.1f} requests/s).")
+                # A container per request cannot pass the engine's floor (bench/docker_run.py).
+                floor = baseline.metrics.get(f"requests/s engine floor {clients}")
+                if floor and other.startswith("requests/s docker "):
+                    baseline.notes.append(
+                        f"At {clients} clients, {what}: **{rate / floor:,.2f} times** the "
+                        f"engine's floor ({floor:,.1f} containers/s of `true`).")
 
 
 def write(out: Path, sections: list[Section], profile: Profile, *, started: datetime,

@@ -20,27 +20,40 @@ opening the database, building the server), health (the worker serving to the di
 health check seeing it: socket polling and the first connection), first call (the dispatcher's
 `ready` line to the client's answer: the CreateAccount call itself, creating the database, and
 the way back through Envoy).
+
+The engine's floor bounds the docker runtime's activation from below: the same Docker SDK
+calls, host config and user as the runtime's, of a container that only runs `true`, one at a
+time, split into create, start, wait (until it exited) and remove.
 """
 
 from __future__ import annotations
 
 import calendar
 import http.client
+import itertools
 import logging
 import re
+import shutil
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
-from bench.model import Distribution, Profile, Section, ms, points, quantile
-from bench.stackrun import BenchStack, bench_stack, docker_available
+from docker.api import APIClient
+from docker.utils import kwargs_from_env
+
+from bench.docker_run import container_owner
+from bench.model import Distribution, Profile, Section, latency_cells, points, quantile
+from bench.stackrun import WORKER_IMAGE, BenchStack, bench_stack, docker_available
+from conventions.config import Settings
+from dispatcher.runtimes.docker import DATA_MOUNT, DockerRuntime
 
 log = logging.getLogger("bench.cold")
 
-PERCENTILES = (50.0, 90.0, 99.0)
 # The pause after each measured activation, so its worker's first shipment to the ETL is done.
 SETTLE = 0.15
 ASCTIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
@@ -57,8 +70,7 @@ SERVING = re.compile(r"worker\.server: user '(?P<user>[^']+)': serving on ")
 
 def spread(label: str, values: Sequence[float]) -> list[str]:
     """`label`, count, p50, p90, p99 and max of `values` (ms) as table cells."""
-    return [label, str(len(values)), *(ms(quantile(values, p)) for p in PERCENTILES),
-            ms(max(values) if values else float("nan"))]
+    return [label, str(len(values)), *latency_cells(values)]
 
 
 # ---- one activation ---------------------------------------------------------------------------
@@ -278,20 +290,98 @@ def medians(activations: list[Activation]) -> str:
         if (v := [a.phases[p] for a in activations if p in a.phases]))
 
 
+# ---- the engine's floor -----------------------------------------------------------------------
+
+FLOOR_STEPS = ("create", "start", "wait (exit)", "remove")
+FLOOR_WHAT = ("engine floor: create + start + wait + remove of a container running `true`, "
+              "one at a time")
+
+
+def engine_floor(count: int) -> list[dict[str, float]]:
+    """`count` lifecycles of a container running `true`, one at a time after an unmeasured
+    one: the ms of each of `FLOOR_STEPS`. The host config is the docker runtime's own
+    (`DockerRuntime.host_config`, so the two cannot drift apart), with temporary directories
+    bound as the user's and the ETL's."""
+    root = Path(tempfile.mkdtemp(prefix="upw-bench-floor-", dir="/tmp"))
+    api = APIClient(version="auto", timeout=60, **kwargs_from_env())
+    try:
+        defaults = Settings()
+        runtime = DockerRuntime(
+            api, data_dir=root / "data", workers_dir=root / "workers",
+            etl_socket=root / "etl" / "etl.sock", image=WORKER_IMAGE,
+            memory=defaults.worker_memory, pids=defaults.worker_pids)
+        user_dir = root / "data" / "users" / "floor"
+        etl_dir = root / "etl"
+        for directory in (user_dir, etl_dir):
+            directory.mkdir(parents=True)
+        host_config = runtime.host_config(user_dir, DATA_MOUNT / "users" / "floor", etl_dir)
+        uid, gid = container_owner()
+
+        def lifecycle() -> dict[str, float]:
+            marks = [time.perf_counter()]
+            container_id = str(api.create_container(
+                WORKER_IMAGE, entrypoint=["true"], user=f"{uid}:{gid}",
+                labels=runtime.labels, host_config=host_config)["Id"])
+            marks.append(time.perf_counter())
+            try:
+                api.start(container_id)
+                marks.append(time.perf_counter())
+                status = api.wait(container_id)["StatusCode"]
+                marks.append(time.perf_counter())
+            finally:
+                api.remove_container(container_id, force=True)  # as the runtime removes
+            marks.append(time.perf_counter())
+            if status != 0:
+                raise RuntimeError(f"`true` exited with status {status} in its container")
+            return {step: (end - begin) * 1000 for step, (begin, end)
+                    in zip(FLOOR_STEPS, itertools.pairwise(marks), strict=True)}
+
+        lifecycle()  # the first pays for caches, as the activations' warm-up does
+        return [lifecycle() for _ in range(count)]
+    finally:
+        api.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def measure_floor(count: int, section: Section) -> None:
+    log.info("engine floor: %d containers running `true`, one at a time", count)
+    steps = engine_floor(count)
+    totals = [sum(s.values()) for s in steps]
+    section.rows.append(["docker", *spread(FLOOR_WHAT, totals)])
+    for step in FLOOR_STEPS:
+        section.rows.append(["docker", *spread(f"  {step}", [s[step] for s in steps])])
+    section.distributions.append(Distribution("docker: engine floor (`true`)", points(totals)))
+    section.notes.append(
+        f"docker engine floor: {len(steps)} containers running `true`, with the docker "
+        "runtime's Docker SDK calls, host config (its binds on temporary directories) and "
+        f"user, one at a time: median {quantile(totals, 50):.0f} ms = "
+        + ", ".join(f"{step} {statistics.median(s[step] for s in steps):.0f}"
+                    for step in FLOOR_STEPS)
+        + " ms (medians). No docker activation can take less than the floor's create + "
+        "start; the worker's own start-up comes on top.")
+
+
 def run(profile: Profile) -> Section:
     section = Section(
         title="Cold activation",
         columns=["runtime", "what", "n", "p50 (ms)", "p90 (ms)", "p99 (ms)", "max (ms)"],
     )
+    no_docker = docker_available()
     for runtime in ("process", "docker"):
-        if runtime == "docker" and (reason := docker_available()) is not None:
-            section.notes.append(f"docker runtime not measured: {reason}")
+        if runtime == "docker" and no_docker is not None:
+            section.notes.append(f"docker runtime not measured: {no_docker}")
             continue
         try:
             measure(runtime, profile, section)
         except Exception as exc:  # the other runtime's numbers still stand
             log.exception("cold activations of the %s runtime failed", runtime)
             section.notes.append(f"**{runtime} runtime: not measured**: {exc}")
+    if no_docker is None:
+        try:
+            measure_floor(profile.cold_activations, section)
+        except Exception as exc:  # the activations' numbers still stand
+            log.exception("the engine floor failed")
+            section.notes.append(f"**docker engine floor: not measured**: {exc}")
     section.notes.append(
         "An activation is `GET /<new user>/create` through Envoy on a kept-alive connection, "
         "one at a time after an unmeasured warm-up, workers kept running; its phases come from "

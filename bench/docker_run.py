@@ -5,6 +5,10 @@ product's workers) and answers what it printed once it has exited.
 `BaselineServer` is that model's web server: a small threaded HTTP server on 127.0.0.1 with
 the original text routes. It is driven by the same wrk script, at the same concurrency, as
 scenario 2.
+
+The engine's floor is measured beside it: the same `docker run --rm`, flags and image, of a
+container that only runs `true`, at the same concurrency for the same time. No design that
+starts one container per request can answer faster than that on this engine.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from bench import load
-from bench.model import Profile, Section
+from bench.model import Distribution, Profile, Section, latency_cells, points
 from bench.stackrun import WORKER_IMAGE, docker_available, seed_accounts
 from conventions.config import Settings
 from conventions.users import InvalidUserName, shard_of, user_dir, validate_user
@@ -39,6 +44,15 @@ MIN_DURATION = 20.0  # as in scenario 2
 ROUTE = re.compile(r"/([^/]+)/(create|show|deposit/([0-9]{1,18}))")
 LABEL = "upw.bench.docker-run"
 RUN_TIMEOUT = 120.0
+FLOOR_CASE = "docker run --rm of `true` (no Python, the engine's floor)"
+
+
+def container_owner() -> tuple[int, int]:
+    """The uid:gid a container runs as, as in the docker runtime: the image's user when we are
+    root (root hands the user's directory to it), else our own, whose directories we can bind."""
+    if os.geteuid() == 0:
+        return WORKER_UID, WORKER_GID
+    return os.getuid(), os.getgid()
 
 
 class Baseline:
@@ -50,11 +64,7 @@ class Baseline:
         defaults = Settings()
         self._memory = defaults.worker_memory
         self._pids = defaults.worker_pids
-        # As in the docker runtime: root hands the user's directory to the image's user.
-        if os.geteuid() == 0:
-            self.owner = (WORKER_UID, WORKER_GID)
-        else:
-            self.owner = (os.getuid(), os.getgid())
+        self.owner = container_owner()
         self._in_flight = 0
         self._lock = threading.Lock()
 
@@ -65,8 +75,9 @@ class Baseline:
         while self._in_flight and time.monotonic() < deadline:
             time.sleep(0.2)
 
-    def command(self, user: str, operation: list[str]) -> list[str]:
-        inner = DATA_MOUNT / "users" / shard_of(user) / user
+    def _docker_run(self) -> list[str]:
+        """`docker run --rm` with the docker runtime's hardening, up to the volume and the
+        entrypoint: shared by the baseline and its floor, so they differ only in what runs."""
         return [
             "docker", "run", "--rm", "--label", f"{LABEL}={self.data_dir}",
             "--network", "none", "--read-only", "--tmpfs", f"/tmp:{TMPFS}",
@@ -74,11 +85,22 @@ class Baseline:
             "--user", f"{self.owner[0]}:{self.owner[1]}",
             "--memory", self._memory, "--memory-swap", self._memory,
             "--pids-limit", str(self._pids),
+        ]
+
+    def command(self, user: str, operation: list[str]) -> list[str]:
+        inner = DATA_MOUNT / "users" / shard_of(user) / user
+        return [
+            *self._docker_run(),
             "--volume", f"{user_dir(self.data_dir, user)}:{inner}:rw",
             "--entrypoint", "/opt/upw/bin/python", self.image,
             "-P", "-m", "worker.oneshot", "--user", user, "--data-dir", str(DATA_MOUNT),
             *operation,
         ]
+
+    def floor_command(self) -> list[str]:
+        """The same container running the image's `true` instead of Python, without the
+        user's volume (it serves no user)."""
+        return [*self._docker_run(), "--entrypoint", "true", self.image]
 
     def answer(self, path: str) -> tuple[int, bytes]:
         """(HTTP status, body) of one request for `path`."""
@@ -159,6 +181,70 @@ def baseline_server(baseline: Baseline) -> Iterator[int]:
         thread.join()
 
 
+@dataclass(frozen=True)
+class Loop:
+    """`clients` threads running one command, each call after the previous one ended."""
+
+    clients: int
+    wall_s: float  # from the first call to the end of the last
+    latencies: list[float]  # ms of every call, failed ones too (as wrk counts errors)
+    errors: int
+    first_error: str
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.wall_s if self.wall_s > 0 else 0.0
+
+    def add_to(self, section: Section, case: str) -> None:
+        """Adds this loop to `section` as wrk's runs are added (`LoadResult.add_to`): a row of
+        `load.COLUMNS` (no wrk, so no wrk CPU), its distribution, and its errors as a note."""
+        errors = f"**{self.errors}**" if self.errors else "0"
+        section.rows.append([case, str(self.clients), f"{self.rate:.1f}",
+                             *latency_cells(self.latencies), errors, "-"])
+        section.distributions.append(
+            Distribution(f"{case}, {self.clients} clients", points(self.latencies)))
+        if self.errors:
+            section.notes.append(f"{case}, {self.clients} clients: {self.errors} errors, the "
+                                 f"first: {self.first_error.strip()[:200]!r}")
+
+
+def loop(command: list[str], *, clients: int, duration: float) -> Loop:
+    """Runs `command` in `clients` threads, one call after the other, until `duration` seconds
+    have passed. Every call started is waited for and counted, over the wall time until the
+    last one ended, so nothing is dropped at the end (wrk drops the requests in flight)."""
+    latencies: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+    begun = time.monotonic()
+    deadline = begun + duration
+
+    def client() -> None:
+        while time.monotonic() < deadline:
+            called = time.perf_counter()
+            try:
+                done = subprocess.run(command, capture_output=True, timeout=RUN_TIMEOUT,
+                                      check=False)
+            except subprocess.TimeoutExpired:
+                failure = f"docker run took longer than {RUN_TIMEOUT:g}s"
+            else:
+                failure = (f"exit status {done.returncode}: "
+                           f"{done.stderr.decode(errors='replace')}" if done.returncode else "")
+            took = (time.perf_counter() - called) * 1000
+            with lock:
+                latencies.append(took)
+                if failure:
+                    failures.append(failure)
+
+    threads = [threading.Thread(target=client, name=f"bench-floor-{i}")
+               for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return Loop(clients=clients, wall_s=time.monotonic() - begun, latencies=latencies,
+                errors=len(failures), first_error=failures[0] if failures else "")
+
+
 def _remove_leftovers(data_dir: Path) -> None:
     found = subprocess.run(
         ["docker", "ps", "-aq", "--filter", f"label={LABEL}={data_dir}"],
@@ -181,6 +267,11 @@ def run(profile: Profile) -> Section:
             "deposits and shows half and half.",
             "It favours the baseline slightly: no Envoy hop, and nothing is shipped to the "
             "ETL (scenario 2's workers ship each deposit before they stop).",
+            f"{FLOOR_CASE}: the baseline's `docker run --rm`, hardening flags and image, but "
+            "`--entrypoint true` and no volume (it serves no user), measured right after "
+            "the baseline at the same concurrency for the same time: each client is a thread "
+            "running the docker CLI one call after the other; requests/s counts every call, "
+            "over the wall time until the last one ended. Not wrk, so no wrk CPU.",
         ],
     )
     why = docker_available()
@@ -207,7 +298,16 @@ def run(profile: Profile) -> Section:
                 case = f"docker run, {USERS} users"
                 result.add_to(section, case)
                 section.metrics[f"requests/s docker run {clients}"] = result.rate
-            baseline.wait_idle()
+                baseline.wait_idle()
+                floor = loop(baseline.floor_command(), clients=clients, duration=duration)
+                floor.add_to(section, FLOOR_CASE)
+                # Not "requests/s docker run ...": `compare` takes those for the baseline.
+                section.metrics[f"requests/s engine floor {clients}"] = floor.rate
+                if floor.rate > 0:
+                    section.notes.append(
+                        f"At {clients} clients, the `docker run` baseline: {result.rate:,.1f} "
+                        f"requests/s, **{result.rate / floor.rate:,.2f} times** the engine's "
+                        f"floor ({floor.rate:,.1f} containers/s of `true`).")
     finally:
         _remove_leftovers(root / "data")
         shutil.rmtree(root, ignore_errors=True)

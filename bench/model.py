@@ -65,6 +65,12 @@ def quantile(values: Sequence[float], p: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def latency_cells(values: Sequence[float]) -> list[str]:
+    """p50, p90, p99 and max of `values` (ms) as table cells, `-` when there are none."""
+    return [*(ms(quantile(values, p)) for p in (50, 90, 99)),
+            ms(max(values, default=float("nan")))]
+
+
 def points(values: Sequence[float]) -> list[tuple[float, float]]:
     """A distribution to plot: (percentile, ms) at every rank, ascending."""
     ordered = sorted(values)

@@ -242,7 +242,7 @@ class DockerRuntime:
         etl_dir = self._etl_socket.parent
         with _translated(f"the container settings of {user!r} are invalid",
                          "check UPW_WORKER_MEMORY and UPW_WORKER_PIDS"):
-            host_config = self._host_config(host_dir, inner_dir, etl_dir)
+            host_config = self.host_config(host_dir, inner_dir, etl_dir)
         command = [
             "--user", user,
             "--data-dir", str(DATA_MOUNT),
@@ -290,7 +290,8 @@ class DockerRuntime:
         worker.phases.update(create=created - begun, start=time.monotonic() - created)
         return worker
 
-    def _host_config(self, host_dir: Path, inner_dir: PurePosixPath, etl_dir: Path) -> Any:
+    def host_config(self, host_dir: Path, inner_dir: PurePosixPath, etl_dir: Path) -> Any:
+        """The hardened host config of a worker container (also the bench's engine floor)."""
         return self._api.create_host_config(
             binds={
                 str(host_dir): {"bind": str(inner_dir), "mode": "rw"},
