@@ -75,6 +75,9 @@ def summary(http: Http) -> str | None:
     return response.text if response.status == 200 else None
 
 
+# The fixture builds every image, from scratch on a fresh machine (base image, wheels): that
+# alone took over 5 minutes on a loaded 2-core machine, beyond the suite's default timeout.
+@pytest.mark.timeout(1800)
 def test_build_then_compose_up_serves_the_walkthrough(
     compose: tuple[Compose, Http], engine: APIClient
 ) -> None:
