@@ -181,7 +181,16 @@ class Shipper:
                 self._acked.set()
                 self._wake.set()  # the window may have room again
 
-        reader = asyncio.get_running_loop().create_task(read())
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(read())
+        reader.add_done_callback(lambda _: self._wake.set())
+        quiet = False
+
+        def quiet_now() -> None:
+            nonlocal quiet
+            quiet = True
+            self._wake.set()
+
         try:
             while True:
                 self._wake.clear()
@@ -193,15 +202,17 @@ class Shipper:
                     sent = batch.entries[-1].seq
                     in_flight.append(sent)
                 # Caught up: once the stream has been quiet for `unmark_after` seconds, the
-                # unshipped marker goes (not at every ack: see worker.store).
-                quiet = self._unmark_after if not in_flight and self._store.marked else None
-                waker = asyncio.ensure_future(self._wake.wait())
+                # unshipped marker goes (not at every ack: see worker.store). A timer rather
+                # than a timeout on the wait: one wait per wake-up, no task per deposit.
+                quiet = False
+                timer = loop.call_later(self._unmark_after, quiet_now) \
+                    if not in_flight and self._store.marked else None
                 try:
-                    done, _ = await asyncio.wait(
-                        {waker, reader}, timeout=quiet, return_when=asyncio.FIRST_COMPLETED)
+                    await self._wake.wait()
                 finally:
-                    waker.cancel()
-                if not done:
+                    if timer is not None:
+                        timer.cancel()
+                if quiet:
                     self._store.sync_marker()
                 if reader.done():
                     reader.result()  # raises the stream's error

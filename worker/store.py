@@ -174,6 +174,12 @@ class Store:
         self._busy_timeout_ms = busy_timeout_ms
         self._db: apsw.Connection | None = None
         self._marked: bool | None = None  # None until the marker file has been looked at
+        # The newest seq and the watermark, as committed: read once when the database is
+        # opened, then kept up to date by the writes of this store, the database's only
+        # writer. The shipper asks for them at every wake-up; a query each time was ~4 % of a
+        # busy worker's time.
+        self._head = 0
+        self._acked = 0
 
     @property
     def marker(self) -> Path:
@@ -201,6 +207,8 @@ class Store:
             conn.execute("PRAGMA foreign_keys = ON")
             self._db = conn
             self._migrate()
+            self._head = self._scalar("SELECT coalesce(max(seq), 0) FROM ledger")
+            self._acked = self._scalar("SELECT acked_seq FROM replication WHERE id = 1")
         except BaseException:
             self._db = None
             conn.close()
@@ -351,6 +359,7 @@ class Store:
                 (_now_us(),),
             )
             account = self._account()
+        self._head = account.last_seq
         logger.info("user %r: account created", self.user)
         return account, True
 
@@ -379,6 +388,7 @@ class Store:
                 (entry.seq, entry.kind.name, entry.amount, entry.balance, entry.at_us),
             )
             account = self._account()
+        self._head = entry.seq
         return account, entry
 
     def deposit(self, amount: int) -> tuple[Account, Entry]:
@@ -396,22 +406,19 @@ class Store:
 
     def last_seq(self) -> int:
         """The seq of the newest row, 0 when the ledger is empty."""
-        if self._db is None:
-            return 0
-        return self._scalar("SELECT coalesce(max(seq), 0) FROM ledger")
+        return self._head
 
     def acked_seq(self) -> int:
         """The replication watermark: every row with seq <= it is acknowledged by the ETL."""
-        if self._db is None:
-            return 0
-        return self._scalar("SELECT acked_seq FROM replication WHERE id = 1")
+        return self._acked
 
     def pending(self, after_seq: int, limit: int) -> list[Entry]:
         """At most `limit` rows still to be shipped: seq above both `after_seq` and the
         watermark, in seq order."""
-        if self._db is None:
+        start = max(after_seq, self._acked)
+        if start >= self._head:
             return []
-        return self.entries(max(after_seq, self.acked_seq()), limit)
+        return self.entries(start, limit)
 
     def acknowledge(self, seq: int) -> int:
         """Raises the watermark to `seq` and returns the new watermark. It never moves
@@ -424,15 +431,14 @@ class Store:
         power cut only makes the next worker ship those rows again, which the ETL applies as
         no-ops, and a marker removed meanwhile is put back by `Store.open`. This halves the
         I/O of a shipped deposit (measured: 0.86 -> 0.38 ms for a deposit and its ack)."""
+        acked = max(self._acked, min(seq, self._head))
+        if acked == self._acked:
+            return acked
         self._conn.execute("PRAGMA synchronous = NORMAL")
         try:
             with self._write() as conn:
-                conn.execute(
-                    "UPDATE replication SET acked_seq = max(acked_seq, min(?, "
-                    "(SELECT coalesce(max(seq), 0) FROM ledger))) WHERE id = 1",
-                    (seq,),
-                )
-                acked = self.acked_seq()
+                conn.execute("UPDATE replication SET acked_seq = ? WHERE id = 1", (acked,))
         finally:
             self._conn.execute("PRAGMA synchronous = FULL")
+        self._acked = acked
         return acked
