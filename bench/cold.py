@@ -14,12 +14,13 @@ Each activation is split with the product's own log lines, so the split needs no
   start-up and the socket's readiness between the launch and the dispatcher's health check.
 
 Phases (ms), in order: queued (waiting for a thread of the dispatcher's executor), create and
-start (the Docker API calls) or spawn (fork and exec), interpreter (launch returned to main()
-running: Python start-up and imports), socket (main() to the worker's server bound and SERVING:
-opening the database, building the server), health (the worker serving to the dispatcher's
-health check seeing it: socket polling and the first connection), first call (the dispatcher's
-`ready` line to the client's answer: the CreateAccount call itself, creating the database, and
-the way back through Envoy).
+start (the Docker API calls) or spawn (the fork server's answer to a fork request), interpreter
+(launch returned to main() running: in a container, Python start-up and imports; for a process,
+only what a fork of the pre-imported fork server takes), socket (main() to the worker's server
+bound and SERVING: opening the database, building the server), health (the worker serving to the
+dispatcher's health check seeing it: socket polling and the first connection), first call (the
+dispatcher's `ready` line to the client's answer: the CreateAccount call itself, creating the
+database, and the way back through Envoy).
 
 The engine's floor bounds the docker runtime's activation from below: the same Docker SDK
 calls, host config and user as the runtime's, of a container that only runs `true`, one at a

@@ -104,6 +104,10 @@ def warm_user(stack: BenchStack) -> None:
             raise RuntimeError(f"GET {path} answered {status}: {body[:300]!r}")
 
 
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def describe_disk(label: str, directory: Path) -> tuple[list[str], int]:
     allocated, apparent, files = disk(directory)
     listed = ", ".join(f"{name} {size:,} B" for name, size in files.items()) or "nothing"
@@ -154,10 +158,15 @@ def one_user(runtime: str, section: Section, summary_accounts: int) -> None:
                 f"shows it ({charge['usage'] / MB:.1f} MB with all page cache; anon "
                 f"{charge['anon'] / MB:.1f} MB, file {charge['file'] / MB:.1f} MB)"])
         else:
+            # The worker's parent is the fork server, paid once per dispatcher; the worker
+            # shares the pages it has not written since the fork with it.
+            fork_server = smaps(parent_pid(pid))
             section.rows.append([
                 f"{runtime}: memory of one warm worker (pid {pid})",
                 f"{memory['rss'] / MB:.1f} MB RSS",
-                f"PSS {memory['pss'] / MB:.1f} MB, USS {memory['uss'] / MB:.1f} MB"])
+                f"PSS {memory['pss'] / MB:.1f} MB, USS {memory['uss'] / MB:.1f} MB; its fork "
+                f"server (one per dispatcher): RSS {fork_server['rss'] / MB:.1f} MB, USS "
+                f"{fork_server['uss'] / MB:.1f} MB"])
         section.rows.append(warm_row)
         # The idle TTL stops the worker; the account's directory is all that is left.
         wait_until(lambda: not worker_processes(stack.settings.workers_dir, USER)
