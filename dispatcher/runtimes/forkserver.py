@@ -36,15 +36,15 @@ class ForkedProcess:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None  # as Popen's; stays None for an orphan (unknown)
-        self._reaped = False
+        self._ended = False
         self._orphaned = False
         self._changed = asyncio.Event()
 
     @property
     def ended(self) -> bool:
-        if not self._reaped and self._orphaned and not is_alive(self.pid):
-            self._reaped = True
-        return self._reaped
+        if not self._ended and self._orphaned and not is_alive(self.pid):
+            self._ended = True
+        return self._ended
 
     def send_signal(self, signum: int) -> None:
         # Never once it ended: the pid may belong to another process by then.
@@ -65,7 +65,7 @@ class ForkedProcess:
 
     def _exited(self, code: int) -> None:
         self.returncode = code
-        self._reaped = True
+        self._ended = True
         self._changed.set()
 
     def _orphan(self) -> None:
@@ -149,9 +149,9 @@ class ForkServerClient:
         except (OSError, ValueError) as exc:
             log.error("reading from the worker fork server failed: %s", exc)
         finally:
-            await self._ended()
+            await self._gone()
 
-    async def _ended(self) -> None:
+    async def _gone(self) -> None:
         """The fork server is gone: pending forks fail, its workers become orphans."""
         process, self._process = self._process, None
         writer, self._writer = self._writer, None
