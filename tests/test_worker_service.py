@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -485,3 +486,66 @@ def test_the_shipper_sends_bounded_consecutive_batches_and_flushes(
     assert all(1 <= len(seqs) <= 4 for seqs in batches)
     assert all(seqs == list(range(seqs[0], seqs[0] + len(seqs))) for seqs in batches)
     assert sorted({seq for seqs in batches for seq in seqs}) == list(range(1, 26))
+
+
+class HeldEtl(FakeEtl):
+    """Records batches as they arrive, but acknowledges nothing until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def Stream(
+        self,
+        request_iterator: Iterator[replication_pb2.ChangeBatch],
+        context: grpc.ServicerContext,
+    ) -> Iterator[replication_pb2.Ack]:
+        arrived: queue.Queue[replication_pb2.ChangeBatch | None] = queue.Queue()
+
+        def read() -> None:
+            for batch in request_iterator:
+                with self._lock:
+                    self.batches.append(batch)
+                arrived.put(batch)
+            arrived.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        self.release.wait(30)
+        while (batch := arrived.get()) is not None:
+            yield replication_pb2.Ack(user=batch.user, acked_seq=batch.entries[-1].seq)
+
+
+def test_rows_committed_while_a_batch_is_in_flight_go_together(
+    tmp_path: Path, run_dir: Path
+) -> None:
+    etl = EtlServer(run_dir / "etl.sock", servicer=HeldEtl())
+    etl.start()
+    store = Store.open(tmp_path / "account.db", user=USER)
+    store.create()
+
+    async def ship() -> bool:
+        shipper = Shipper(store, target=f"unix:{etl.socket}", window=4)
+        shipper.start()
+        try:
+            for _ in range(1000):
+                if etl.servicer.batches:
+                    break
+                await asyncio.sleep(0.01)
+            for amount in range(1, 6):  # one at a time, each with time to be shipped alone
+                store.deposit(amount)
+                shipper.wake()
+                await asyncio.sleep(0.05)
+            assert len(etl.servicer.batches) == 1, "a partial batch waits for the one in flight"
+            assert isinstance(etl.servicer, HeldEtl)
+            etl.servicer.release.set()
+            return await shipper.flush(10)
+        finally:
+            await shipper.stop()
+
+    try:
+        assert asyncio.run(ship())
+    finally:
+        store.close()
+        etl.stop()
+    assert [[e.seq for e in batch.entries] for batch in etl.servicer.batches] == [
+        [1], [2, 3, 4, 5, 6]]
