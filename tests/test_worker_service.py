@@ -503,11 +503,15 @@ class HeldEtl(FakeEtl):
         arrived: queue.Queue[replication_pb2.ChangeBatch | None] = queue.Queue()
 
         def read() -> None:
-            for batch in request_iterator:
-                with self._lock:
-                    self.batches.append(batch)
-                arrived.put(batch)
-            arrived.put(None)
+            try:
+                for batch in request_iterator:
+                    with self._lock:
+                        self.batches.append(batch)
+                    arrived.put(batch)
+            except grpc.RpcError:
+                pass  # the worker cancelled the stream (its shipper stopped)
+            finally:
+                arrived.put(None)
 
         threading.Thread(target=read, daemon=True).start()
         self.release.wait(30)

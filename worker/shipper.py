@@ -203,9 +203,10 @@ class Shipper:
                     batch = self._next_batch(sent)
                     if batch is None:
                         break
-                    await call.write(batch)
+                    # In flight before the write: its ack can arrive while the write awaits.
                     sent = batch.entries[-1].seq
                     in_flight.append(sent)
+                    await call.write(batch)
                 # Caught up: once the stream has been quiet for `unmark_after` seconds, the
                 # unshipped marker goes (not at every ack: see worker.store). A timer rather
                 # than a timeout on the wait: one wait per wake-up, no task per deposit.
