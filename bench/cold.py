@@ -47,11 +47,10 @@ from pathlib import Path
 from docker.api import APIClient
 from docker.utils import kwargs_from_env
 
-from bench.docker_run import container_owner
 from bench.model import Distribution, Profile, Section, latency_cells, points, quantile
 from bench.stackrun import WORKER_IMAGE, BenchStack, bench_stack, docker_available
 from conventions.config import Settings
-from dispatcher.runtimes.docker import DATA_MOUNT, DockerRuntime
+from dispatcher.runtimes.docker import DATA_MOUNT, DockerRuntime, container_owner
 
 log = logging.getLogger("bench.cold")
 

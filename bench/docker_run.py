@@ -33,7 +33,7 @@ from bench.model import Distribution, Profile, Section, latency_cells, points
 from bench.stackrun import WORKER_IMAGE, docker_available, seed_accounts
 from conventions.config import Settings
 from conventions.users import InvalidUserName, shard_of, user_dir, validate_user
-from dispatcher.runtimes.docker import DATA_MOUNT, TMPFS, WORKER_GID, WORKER_UID
+from dispatcher.runtimes.docker import DATA_MOUNT, TMPFS, container_owner
 
 log = logging.getLogger("bench.docker_run")
 
@@ -45,14 +45,6 @@ ROUTE = re.compile(r"/([^/]+)/(create|show|deposit/([0-9]{1,18}))")
 LABEL = "upw.bench.docker-run"
 RUN_TIMEOUT = 120.0
 FLOOR_CASE = "docker run --rm of `true` (no Python, the engine's floor)"
-
-
-def container_owner() -> tuple[int, int]:
-    """The uid:gid a container runs as, as in the docker runtime: the image's user when we are
-    root (root hands the user's directory to it), else our own, whose directories we can bind."""
-    if os.geteuid() == 0:
-        return WORKER_UID, WORKER_GID
-    return os.getuid(), os.getgid()
 
 
 class Baseline:

@@ -37,7 +37,7 @@ import psycopg
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench import load
-from bench.model import Distribution, Profile, Section, ms, points, quantile
+from bench.model import Distribution, Profile, Section, latency_cells, points
 from bench.stackrun import BenchStack, bench_stack
 from etl.embedded import EmbeddedPostgres
 from upw.account.v1 import account_pb2
@@ -352,8 +352,7 @@ def run(profile: Profile) -> Section:
         section.rows.append([
             f"Replication.Stream: {r.streams} streams x {r.per_batch} rows per batch "
             "(batch ack latency)", f"{r.per_second:,.0f}", str(len(r.latencies)),
-            *(ms(quantile(r.latencies, p)) for p in (50, 90, 99)),
-            ms(max(r.latencies, default=float("nan")))])
+            *latency_cells(r.latencies)])
         section.distributions.append(Distribution(
             f"ack of a batch: {r.streams} streams x {r.per_batch} rows", points(r.latencies)))
     best = max(rates, key=lambda r: r.per_second)
@@ -370,8 +369,7 @@ def run(profile: Profile) -> Section:
         f"asked ({LAG_RATE:,.0f}/s), the lag is measured again at 60% of what it answered.")
     if at_rest:
         section.rows.append(["lag probe (answered to visible), no other load", "",
-                             str(len(at_rest)), *(ms(quantile(at_rest, p)) for p in (50, 90, 99)),
-                             ms(max(at_rest))])
+                             str(len(at_rest)), *latency_cells(at_rest)])
     for one in measured:
         _lag_rows(one, profile, section)
     return section
@@ -383,9 +381,7 @@ def _lag_rows(measured: Lag, profile: Profile, section: Section) -> None:
                           (f"lag probe (answered to visible), deposits {at}", measured.probe),
                           (f"deposit latency from its due time, {at}, {measured.errors} errors",
                            measured.latencies)):
-        section.rows.append([label, "", str(len(values)),
-                             *(ms(quantile(values, p)) for p in (50, 90, 99)),
-                             ms(max(values, default=float("nan")))])
+        section.rows.append([label, "", str(len(values)), *latency_cells(values)])
     section.distributions.append(
         Distribution(f"lag at {measured.rate:,.0f}/s asked", points(measured.lags)))
     section.notes.append(

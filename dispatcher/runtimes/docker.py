@@ -76,6 +76,15 @@ def container_name(data_dir: Path, user: str) -> str:
     return f"upw-{digest}-{validate_user(user)}"
 
 
+def container_owner() -> tuple[int, int]:
+    """The uid:gid of the worker containers: the image's user (10001) when the dispatcher is
+    root and can hand the user's directory to it; a non-root dispatcher cannot, so its
+    containers run under its own uid instead."""
+    if os.geteuid() == 0:
+        return WORKER_UID, WORKER_GID
+    return os.getuid(), os.getgid()
+
+
 def _explain(exc: BaseException) -> str:
     if isinstance(exc, docker.errors.APIError):
         explanation = exc.explanation or str(exc)
@@ -147,12 +156,7 @@ class DockerRuntime:
         # The worker gets up to 2 s to ship pending changes after SIGTERM; then SIGKILL.
         self._stop_grace = stop_grace
         self._log_level = log_level
-        # The container's uid:gid. A dispatcher that is not root cannot hand a directory to
-        # uid 10001, so its containers run under the dispatcher's own (non-root) uid instead.
-        if os.geteuid() == 0:
-            self._uid, self._gid = WORKER_UID, WORKER_GID
-        else:
-            self._uid, self._gid = os.getuid(), os.getgid()
+        self._uid, self._gid = container_owner()
         self._labels = {LABEL_PRODUCT: PRODUCT, LABEL_DATA_DIR: str(self._data_dir)}
         self._workers: dict[str, DockerWorker] = {}
         self._lock = threading.Lock()
